@@ -1,0 +1,69 @@
+"""Batching: dynamic padding and length-grouped, resumable batch order."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ftune.data.formats import IGNORE
+
+
+class Collator:
+    """Pad a list of examples to the longest one in the batch (right padding)."""
+
+    def __init__(self, pad_token_id: int, task: str, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.task = task
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        if self.multiple:
+            longest = -(-longest // self.multiple) * self.multiple
+        n = len(examples)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = torch.zeros((n, longest), dtype=torch.long)
+        if self.task == "causal_lm":
+            batch["labels"] = torch.full((n, longest), IGNORE, dtype=torch.long)
+        else:
+            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        for i, e in enumerate(examples):
+            k = len(e["input_ids"])
+            input_ids[i, :k] = torch.tensor(e["input_ids"])
+            attention_mask[i, :k] = 1
+            if "token_type_ids" in batch:
+                batch["token_type_ids"][i, :k] = torch.tensor(e["token_type_ids"])
+            if self.task == "causal_lm":
+                batch["labels"][i, :k] = torch.tensor(e["labels"])
+        return batch
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                  drop_last: bool = False) -> list[list[int]]:
+    """The batches (lists of example indices) of one epoch, a pure function of (seed, epoch).
+
+    With ``group_by_length``, indices are shuffled, cut into mega-batches of 50 batches, and each
+    mega-batch is sorted by length before being cut into batches, so a batch holds examples of
+    similar length and pays for little padding; batch order is then shuffled again. Being a pure
+    function makes the data order reproducible on resume.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        mega = batch_size * 50
+        grouped = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+            grouped.extend(chunk)
+        order = grouped
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches

@@ -1,0 +1,181 @@
+"""Load a pretrained model (hub id or local directory) or build a tiny one from a config.
+
+Two tasks: ``causal_lm`` (AutoModelForCausalLM, supervised fine-tuning and continued pretraining)
+and ``seq_cls`` (AutoModelForSequenceClassification, single texts and text pairs). Weights load from
+safetensors only; ``trust_remote_code`` stays off unless the model config turns it on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftune.config import ModelConfig
+from ftune.errors import FtuneError
+
+TASK_HEADS = ("classifier", "score")  # sequence-classification heads across bert/llama/gpt2/qwen
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+def _check_local_model_dir(path: str) -> None:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FtuneError(
+            f"Model path '{path}' does not exist. Pass `model.path=` a local directory holding "
+            f"config.json and *.safetensors, or a Hugging Face hub id such as meta-llama/Llama-3.2-1B."
+        )
+    if not (p / "config.json").exists():
+        raise FtuneError(
+            f"Model directory '{path}' has no config.json, so it is not a transformers model directory. "
+            f"Point `model.path=` at the folder that `save_pretrained` wrote."
+        )
+    if not any(p.glob("*.safetensors")) and not (p / "model.safetensors.index.json").exists():
+        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        extra = (
+            f" It holds pickled weights ({', '.join(pickled)}), which ftune does not load because "
+            f"unpickling can run arbitrary code; convert them to safetensors first."
+            if pickled
+            else ""
+        )
+        raise FtuneError(f"Model directory '{path}' has no *.safetensors weights.{extra}")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, with a pad token (eos, or unk) set when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.path
+    if source is None:
+        raise FtuneError(f"Model '{cfg.name}' sets neither `path` nor `tokenizer`; set `model.tokenizer=`.")
+    if _is_local(source) and not Path(source).expanduser().exists():
+        raise FtuneError(f"Tokenizer path '{source}' does not exist; set `model.tokenizer=` to a local folder.")
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise FtuneError(
+            f"Could not load the tokenizer for model '{cfg.name}' from '{source}': {e}. "
+            f"Check the hub id (and your network or HF_HOME cache) or the local path."
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def build_model(
+    cfg: ModelConfig,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load or build the base model for ``task`` ("causal_lm" or "seq_cls") on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    extra: dict = {}
+    if task == "seq_cls":
+        extra["num_labels"] = num_labels
+        if label_names:
+            extra["id2label"] = dict(enumerate(label_names))
+            extra["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if cfg.config is not None:
+        config = AutoConfig.for_model(**dict(cfg.config), **extra)
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+        with torch.random.fork_rng():  # the same init_seed always gives the same base weights
+            torch.manual_seed(cfg.init_seed)
+            model = auto.from_config(config, dtype=dtype or torch.float32)
+        return model
+    if cfg.path is None:
+        raise FtuneError(f"Model '{cfg.name}' sets neither `path` nor `config`; set `model.path=`.")
+    if _is_local(cfg.path):
+        _check_local_model_dir(cfg.path)
+    if dtype is None:
+        dtype = DTYPES.get(cfg.dtype, torch.float32) if cfg.dtype != "auto" else torch.float32
+    try:
+        model = auto.from_pretrained(
+            cfg.path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            **extra,
+        )
+    except OSError as e:
+        raise FtuneError(
+            f"Could not load model '{cfg.name}' from '{cfg.path}': {e}. Check the hub id and your network "
+            f"(or the HF_HOME cache), or point `model.path=` at a local directory with safetensors weights."
+        ) from None
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def head_names(model: nn.Module, task: str) -> list[str]:
+    """Names of the task-head modules (always trained) of a sequence-classification model."""
+    if task != "seq_cls":
+        return []
+    return [n for n in TASK_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.device, skip: list[str]) -> nn.Module:
+    """Replace every nn.Linear (except ``skip`` modules and the LM head) with an NF4 bitsandbytes layer.
+
+    The layers are quantized when moved to ``device`` (CPU or CUDA), which is how bitsandbytes
+    0.50 quantizes on both; double quantization of the scales is on, as in the QLoRA paper.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise FtuneError(
+            "QLoRA needs bitsandbytes, which is not installed. Install it with `pip install bitsandbytes` "
+            "or choose `method=lora` to train on unquantized weights."
+        ) from None
+
+    from transformers.pytorch_utils import Conv1D
+
+    skip = set(skip) | {"lm_head"}
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) not in (nn.Linear, Conv1D) or full.split(".")[0] in skip:
+                continue
+            # GPT-2's Conv1D stores the weight transposed (in, out); a Linear4bit wants (out, in).
+            weight = child.weight.data.t() if isinstance(child, Conv1D) else child.weight.data
+            in_features, out_features = weight.shape[1], weight.shape[0]
+            q = bnb.nn.Linear4bit(
+                in_features,
+                out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            q.weight = bnb.nn.Params4bit(
+                weight.to(torch.float32).contiguous(),
+                requires_grad=False,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, child_name, q.to(device))
+            replaced += 1
+    if replaced == 0:
+        raise FtuneError("QLoRA found no linear layers to quantize in this model; use `method=lora` instead.")
+    model.to(device)
+    model.config.ftune_quantized = "nf4"
+    return model

@@ -1,0 +1,157 @@
+"""The run directory: the contract between a training run and its users.
+
+    <output_dir>/
+      config.yaml      resolved config of the run
+      adapter/         trained weights (peft format for peft methods, see each method's docstring)
+      tokenizer/       the tokenizer, as save_pretrained writes it
+      labels.json      class names in id order (classification)
+      metrics.jsonl    one JSON object per logging step: step, loss, lr, tokens_per_s (+ eval rows)
+      metrics.json     final metrics: eval/*, trainable_params, total_params, trainable_percent,
+                       train_runtime_s, tokens_per_s, peak_memory_mb
+      loss.png         training loss (and eval loss) against steps
+      README.md        model card: base model, method, data, command, metrics
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ftune.errors import FtuneError
+
+RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
+                 "loss.png", "README.md", "checkpoints", "eval.json", "error.txt")
+
+
+def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
+    """Create the run directory; refuse to reuse a non-empty one unless asked to.
+
+    With ``overwrite=true`` only ftune's own artifacts are removed; other files are left alone.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FtuneError(f"output_dir '{path}' is a file, not a directory; choose another output_dir.")
+    existing = [p.name for p in path.iterdir()] if path.exists() else []
+    if existing and not (overwrite or resume):
+        raise FtuneError(
+            f"output_dir '{path}' already exists and is not empty ({', '.join(sorted(existing)[:5])}). "
+            f"Nothing was changed. Choose a new output_dir, continue the run with resume=auto, "
+            f"or replace its results with overwrite=true."
+        )
+    if existing and overwrite and not resume:
+        for name in RUN_ARTIFACTS:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".ftune_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise FtuneError(
+            f"Cannot write to output_dir '{path}': {e.strerror}. Choose a writable output_dir "
+            f"(and check free disk space)."
+        ) from None
+    return path
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    file = Path(run_dir) / "config.yaml"
+    if not file.exists():
+        raise FtuneError(
+            f"'{run_dir}' is not an ftune run directory (no config.yaml). Pass run=<the output_dir of a train run>."
+        )
+    return OmegaConf.load(file)
+
+
+class MetricsLog:
+    """Appends one JSON line per logging step to metrics.jsonl (flushed, so a crash loses nothing)."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = path
+        if keep_until_step is not None and path.exists():  # resume: drop lines logged after the checkpoint
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif path.exists():
+            path.unlink()
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file."""
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_loss(rows: list[dict], out: Path, title: str) -> None:
+    """loss.png: training loss per logging step, eval loss as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """README.md: what was trained, on what, how to reproduce and load it."""
+    model = cfg.model.path or f"{cfg.model.name} (built from config)"
+    command = " ".join(["ftune"] + sys.argv[1:]) if sys.argv else "ftune train"
+    rows = "\n".join(
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+    )
+    text = f"""# ftune run: {cfg.method.name} on {cfg.dataset.name}
+
+- base model: `{model}`
+- method: `{cfg.method.name}`
+- data: `{cfg.dataset.path}` ({cfg.dataset.format})
+- trust_remote_code: {cfg.model.trust_remote_code}
+- command: `{command}`
+
+## Metrics
+
+| metric | value |
+|---|---|
+{rows}
+
+## Use
+
+Weights are in `adapter/`; the resolved configuration is `config.yaml`.
+
+```
+ftune eval run={path}
+```
+"""
+    (path / "README.md").write_text(text)

@@ -1,0 +1,341 @@
+"""The one training loop: setup -> train -> save, for every method, on CPU or one GPU.
+
+Read it top to bottom. ``setup`` turns the composed config into objects (config -> model ->
+method -> data -> optimizer); ``train_loop`` runs optimizer steps; ``finish`` writes the run
+directory. Methods plug in through hooks (extra loss terms, after-step updates), never by forking
+this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ftune.checkpoint import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
+from ftune.config import (
+    DatasetConfig,
+    ModelConfig,
+    TrainerConfig,
+    check_target,
+    validate_group,
+    validate_values,
+)
+from ftune.data import DataBundle, build_data, task_of
+from ftune.data.collate import Collator, epoch_batches
+from ftune.errors import FtuneError, TrainingFailed
+from ftune.evaluate import evaluate_examples, model_inputs, task_loss
+from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
+from ftune.models import build_model, head_names, load_tokenizer
+from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
+from ftune.progress import TrainProgress, console
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds for one training run."""
+
+    cfg: DictConfig
+    trainer: TrainerConfig
+    model_cfg: ModelConfig
+    out: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: Any
+    data: DataBundle
+    method: Method
+    model: torch.nn.Module
+    ctx: MethodContext
+    collator: Collator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    total_steps: int
+    batches_per_epoch: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FtuneError(f"trainer.device={name} but no CUDA GPU is available; use trainer.device=cpu or auto.")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for mixed precision, or None for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise FtuneError("trainer.precision=fp16 needs a CUDA GPU; on CPU use trainer.precision=fp32 (or bf16).")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FtuneError(
+            "trainer.precision=bf16 but this GPU has no bfloat16 support (it is older than Ampere); "
+            "use trainer.precision=fp16 or auto."
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def build_optimizer(cfg: DictConfig, method: Method, model: torch.nn.Module, device: torch.device):
+    check_target(cfg.optimizer, "optimizer")
+    lr = float(cfg.optimizer.lr)
+    groups = method.param_groups(model, lr)
+    if not any(len(g["params"]) for g in groups):
+        raise FtuneError(f"Method '{method.name}' left no parameter to train on this model.")
+    extra = {}
+    if cfg.optimizer._target_ == "torch.optim.AdamW" and device.type == "cuda":
+        extra["fused"] = True  # one kernel for all parameters instead of one per tensor
+    return instantiate(cfg.optimizer, _partial_=True)(groups, **extra)
+
+
+def with_defaults(cfg: DictConfig, **groups: Any) -> DictConfig:
+    """The config with every group's schema defaults filled in: what config.yaml records."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    for name, typed in groups.items():
+        full[name] = OmegaConf.to_container(OmegaConf.structured(typed))
+    return OmegaConf.create(full)
+
+
+def setup(cfg: DictConfig) -> Run:
+    """Config -> model -> method -> data -> optimizer, with every input checked first."""
+    trainer = validate_group(cfg, "trainer")
+    model_cfg = validate_group(cfg, "model")
+    data_cfg: DatasetConfig = validate_group(cfg, "dataset")
+    validate_values(trainer, float(cfg.optimizer.lr))
+    method = build_method(cfg.method)  # validates method settings before any loading
+    cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
+    task = task_of(data_cfg)
+    device = resolve_device(trainer.device)
+    autocast_dtype = resolve_precision(trainer.precision, device)
+    resume = cfg.get("resume")
+    out = prepare_run_dir(Path(cfg.output_dir), bool(cfg.get("overwrite")), resume is not None)
+    seed_everything(cfg.seed)
+
+    with console.status(f"Loading tokenizer and data ({data_cfg.path})"):
+        tokenizer = load_tokenizer(model_cfg)
+        data = build_data(data_cfg, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template)
+    with console.status(f"Loading model {model_cfg.path or model_cfg.name}"):
+        model = build_model(
+            model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ctx = MethodContext(
+        task=task, model_type=model.config.model_type, head_names=head_names(model, task),
+        device=device, compute_dtype=autocast_dtype or torch.float32,
+        activation_checkpointing=trainer.activation_checkpointing,
+    )
+    batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // trainer.grad_accum)
+    total_steps = trainer.max_steps or max(1, math.ceil(trainer.epochs * steps_per_epoch))
+    ctx.total_steps = total_steps
+    method.check(model, ctx)
+    model = method.prepare(model, ctx).to(device)
+    model.train()
+
+    optimizer = build_optimizer(cfg, method, model, device)
+    check_target(cfg.scheduler, "scheduler")
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    collator = Collator(tokenizer.pad_token_id, task)
+    return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, model, ctx,
+               collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch)
+
+
+def identity(run: Run) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed into this run."""
+    return {"model": run.model_cfg.path or run.model_cfg.name, "method": run.method.name,
+            "task": run.data.task, "trainable": trainable_parameters(run.model)[0]}
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    """Optimizer steps until ``total_steps``; returns the final metrics."""
+    t, cfg, model = run.trainer, run.cfg, run.model
+    lengths = [len(e["input_ids"]) for e in run.data.train]
+    loop = LoopState()
+    resume = cfg.get("resume")
+    ckpt = find_checkpoint(run.out, str(resume)) if resume else None
+    if ckpt is not None:
+        loop = load_checkpoint(ckpt, model, run.optimizer, run.scheduler, run.scaler, run.method, identity(run))
+        console.print(f"[bold]Resuming[/] from {ckpt} (step {loop.step} of {run.total_steps}).")
+    elif resume and resume != "auto":
+        raise FtuneError(f"No checkpoint found at resume={resume}.")
+    log = MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None)
+    batches = epoch_batches(lengths, t.batch_size, cfg.seed, loop.epoch, t.group_by_length)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        nonlocal batches
+        if loop.position >= len(batches):
+            loop.epoch, loop.position = loop.epoch + 1, 0
+            batches = epoch_batches(lengths, t.batch_size, cfg.seed, loop.epoch, t.group_by_length)
+        idx = batches[loop.position]
+        loop.position += 1
+        return run.collator([run.data.train[i] for i in idx])
+
+    stop_signal: list[int] = []
+    previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
+    eval_bs = t.eval_batch_size or t.batch_size * 2
+    window_tokens, window_start, loss_acc, loss_n = 0, time.perf_counter(), 0.0, 0
+    bad_batches = 0
+    progress = TrainProgress(run.total_steps, enabled=t.progress)
+    progress.start(loop.step)
+    try:
+        while loop.step < run.total_steps:
+            step_start = time.perf_counter()
+            micro = [next_batch() for _ in range(t.grad_accum)]
+            n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
+            step_loss = torch.zeros((), device=run.device)
+            for batch in micro:
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+                with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+                    outputs = model(**model_inputs(batch))
+                    loss_sum, _ = task_loss(outputs.logits, batch["labels"], run.data.task)
+                    loss = loss_sum / n_targets
+                    extra = run.method.extra_loss(model, batch, outputs, loop.step)
+                    if extra is not None:
+                        loss = loss + extra / t.grad_accum
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
+                step_loss += loss.detach()
+                loop.tokens += int(batch["attention_mask"].sum())
+                window_tokens += int(batch["attention_mask"].sum())
+            value = float(step_loss)
+            if not math.isfinite(value):
+                run.optimizer.zero_grad(set_to_none=True)
+                if t.skip_nan_batches:
+                    bad_batches += 1
+                    continue
+                raise TrainingFailed(
+                    f"The loss became {value} at step {loop.step + 1}; training stopped and no weights were "
+                    f"updated by that step (the last checkpoint, if any, is kept in {run.out}/checkpoints). "
+                    f"Lower optimizer.lr, use trainer.precision=fp32 or bf16 instead of fp16, or set "
+                    f"trainer.skip_nan_batches=true to skip such batches."
+                )
+            if run.scaler:
+                run.scaler.unscale_(run.optimizer)
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            run.method.after_backward(model, loop.step)
+            if run.scaler:
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            else:
+                run.optimizer.step()
+            run.scheduler.step()
+            run.method.after_step(model, loop.step)
+            run.optimizer.zero_grad(set_to_none=True)
+            loop.step += 1
+            loop.train_seconds += time.perf_counter() - step_start
+            loss_acc, loss_n = loss_acc + value, loss_n + 1
+
+            if loop.step % t.log_every == 0 or loop.step == run.total_steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": loop.step, "epoch": round(loop.epoch + loop.position / max(len(batches), 1), 3),
+                       "loss": loss_acc / loss_n, "lr": run.scheduler.get_last_lr()[0],
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                log.log(row)
+                progress.update(loop.step, row)
+                window_tokens, window_start, loss_acc, loss_n = 0, time.perf_counter(), 0.0, 0
+            else:
+                progress.update(loop.step, None)
+            if t.eval_every and loop.step % t.eval_every == 0 and run.data.eval and loop.step < run.total_steps:
+                metrics = evaluate(run)
+                log.log({"step": loop.step, **metrics})
+                progress.print_eval(loop.step, metrics)
+            if t.save_every and loop.step % t.save_every == 0 and loop.step < run.total_steps:
+                save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
+                                run.method, identity(run), t.keep_checkpoints)
+            if stop_signal:
+                path = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler,
+                                       run.scaler, run.method, identity(run), t.keep_checkpoints)
+                raise TrainingFailed(
+                    f"Interrupted by signal {stop_signal[0]} at step {loop.step}; a checkpoint was saved to {path}. "
+                    f"Continue with the same command plus resume=auto."
+                )
+    finally:
+        progress.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    metrics: dict[str, Any] = {}
+    if run.data.eval:
+        metrics.update(evaluate(run))
+        log.log({"step": loop.step, **metrics})
+    trainable, total = trainable_parameters(model)
+    metrics.update({
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "train_steps": loop.step,
+        "train_runtime_s": loop.train_seconds,
+        "tokens_per_s": loop.tokens / max(loop.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(run.device),
+    })
+    if bad_batches:
+        metrics["skipped_nan_batches"] = bad_batches
+    if t.save_every:  # a final checkpoint, so a finished run can be extended with more steps
+        save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
+                        run.method, identity(run), t.keep_checkpoints)
+    return metrics
+
+
+def task_loss_targets(labels: torch.Tensor, task: str) -> int:
+    """Number of targets in a batch: examples (classification) or predicted tokens (causal LM)."""
+    if task == "seq_cls":
+        return labels.numel()
+    return int((labels[:, 1:] != -100).sum())
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    return evaluate_examples(run.model, run.data.eval, run.collator, run.data.task, run.device,
+                             run.trainer.eval_batch_size or run.trainer.batch_size * 2, run.autocast_dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+def finish(run: Run, metrics: dict[str, Any]) -> None:
+    """Write the trained weights, tokenizer, metrics, plot and model card to the run directory."""
+    import json
+
+    run.method.save(run.model, run.out / "adapter")
+    run.tokenizer.save_pretrained(str(run.out / "tokenizer"))
+    if run.data.label_names:
+        (run.out / "labels.json").write_text(json.dumps(run.data.label_names))
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_loss(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png", f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
+    write_card(run.out, run.cfg, metrics)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job from a composed config; returns the final metrics."""
+    run = setup(cfg)
+    save_config(run.cfg, run.out)
+    from ftune.progress import print_header
+
+    print_header(run, trainable_parameters(run.model))
+    metrics = train_loop(run)
+    finish(run, metrics)
+    return metrics
+

@@ -1,0 +1,138 @@
+"""Write the small datasets and the tiny tokenizer that ship inside the ftune package.
+
+    python scripts/make_bundled_data.py        # rewrites ftune/data/bundled/ and ftune/assets/tiny_tokenizer/
+
+Everything is generated from templates with a fixed seed, so the files are reproducible and carry
+no third-party license. They exist for the offline default job (`ftune train`) and the tests; real
+work points `dataset.path` at a hub id or local file.
+
+- sentiment_{train,eval}.jsonl: product/movie reviews with a positive/negative label. Eval uses
+  sentences built from held-out combinations, and about a fifth of all rows carry a negation
+  ("was not great"), so a bag-of-words guess is not enough.
+- instructions.jsonl: alpaca-style {instruction, input, output} rows of small deterministic tasks.
+- chat.jsonl: the same tasks as {messages: [{role, content}, ...]} conversations.
+- text.jsonl: {text} paragraphs for continued pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "ftune" / "data" / "bundled"
+TOK_OUT = ROOT / "ftune" / "assets" / "tiny_tokenizer"
+
+POS = ["great", "wonderful", "delightful", "excellent", "charming", "brilliant", "moving", "superb",
+       "enjoyable", "fantastic", "touching", "clever", "beautiful", "gripping", "lovely", "impressive"]
+NEG = ["terrible", "boring", "awful", "dull", "disappointing", "clumsy", "tedious", "bland",
+       "painful", "mediocre", "forgettable", "messy", "annoying", "lifeless", "shallow", "weak"]
+SUBJECTS = ["the movie", "this film", "the acting", "the story", "the soundtrack", "the ending",
+            "the script", "the camera work", "the dialogue", "the cast", "this book", "the plot",
+            "the restaurant", "the service", "the hotel room", "this phone", "the battery", "the show"]
+ADVERBS = ["", "really ", "truly ", "quite ", "very ", "remarkably ", "rather ", "simply "]
+POS_CLAUSES = ["i would recommend it to anyone", "we left with a smile", "worth every minute",
+               "i want to see it again", "it exceeded my hopes", "a pleasure from start to finish"]
+NEG_CLAUSES = ["i want my money back", "we left early", "a waste of an evening",
+               "i could not wait for it to end", "it fell flat", "i would not recommend it"]
+
+
+def review(rng: random.Random, label: int) -> str:
+    negate = rng.random() < 0.2
+    # A negated opposite word carries the label: "was not boring" is positive.
+    words = (NEG if label == 1 else POS) if negate else (POS if label == 1 else NEG)
+    subj, adv, adj = rng.choice(SUBJECTS), rng.choice(ADVERBS), rng.choice(words)
+    verb = rng.choice(["was", "is", "felt", "seemed"])
+    core = f"{subj} {verb} {'not ' + adv if negate else adv}{adj}"
+    if rng.random() < 0.5:
+        clause = rng.choice(POS_CLAUSES if label == 1 else NEG_CLAUSES)
+        core = f"{core}, {clause}" if rng.random() < 0.5 else f"{clause}: {core}"
+    return core[0].upper() + core[1:] + rng.choice([".", "!", " ."])
+
+
+def sentiment(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
+    rows = []
+    while len(rows) < n:
+        label = rng.randint(0, 1)
+        text = review(rng, label)
+        if text in seen:  # keep eval sentences out of train and vice versa
+            continue
+        seen.add(text)
+        rows.append({"text": text, "label": ["negative", "positive"][label]})
+    return rows
+
+
+OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "open": "closed", "light": "dark",
+             "happy": "sad", "early": "late", "full": "empty", "hard": "soft", "high": "low", "old": "new",
+             "wet": "dry", "loud": "quiet", "rich": "poor", "strong": "weak"}
+WORDS = ["cat", "house", "river", "apple", "green", "music", "table", "window", "garden", "paper",
+         "stone", "cloud", "bread", "light", "train", "forest", "pencil", "candle", "horse", "bottle"]
+
+
+def task(rng: random.Random) -> tuple[str, str, str]:
+    kind = rng.randrange(5)
+    if kind == 0:
+        w = rng.choice(WORDS)
+        return "Reverse the letters of the word.", w, w[::-1]
+    if kind == 1:
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        return "Add the two numbers.", f"{a} and {b}", str(a + b)
+    if kind == 2:
+        w = rng.choice(list(OPPOSITES))
+        return "Give the opposite of the word.", w, OPPOSITES[w]
+    if kind == 3:
+        w = rng.choice(WORDS)
+        return "Write the word in capital letters.", w, w.upper()
+    ws = rng.sample(WORDS, 3)
+    return "Sort the words alphabetically.", ", ".join(ws), ", ".join(sorted(ws))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_tokenizer(corpus: list[str]) -> None:
+    """A byte-level BPE tokenizer (vocab 1024) for the tiny Llama/Qwen/GPT-2 test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+    TOK_OUT.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(TOK_OUT)
+
+
+def main() -> None:
+    rng = random.Random(1234)
+    OUT.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    train, evals = sentiment(rng, 2000, seen), sentiment(rng, 400, seen)
+    write_jsonl(OUT / "sentiment_train.jsonl", train)
+    write_jsonl(OUT / "sentiment_eval.jsonl", evals)
+
+    tasks = [task(rng) for _ in range(600)]
+    write_jsonl(OUT / "instructions.jsonl", [{"instruction": i, "input": x, "output": y} for i, x, y in tasks])
+    chats = [{"messages": [{"role": "user", "content": f"{i}\n{x}"}, {"role": "assistant", "content": y}]}
+             for i, x, y in tasks[:300]]
+    write_jsonl(OUT / "chat.jsonl", chats)
+    paragraphs = [" ".join(r["text"] for r in train[k:k + 6]) for k in range(0, 1200, 6)]
+    write_jsonl(OUT / "text.jsonl", [{"text": p} for p in paragraphs])
+
+    corpus = [r["text"] for r in train] + [f"{i} {x} {y}" for i, x, y in tasks]
+    corpus += ["### Instruction:\n### Input:\n### Response:\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"]
+    build_tokenizer(corpus)
+    print(f"wrote {OUT} and {TOK_OUT}")
+
+
+if __name__ == "__main__":
+    main()
