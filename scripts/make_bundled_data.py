@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 OUT = ROOT / "ftune" / "data" / "bundled"
 TOK_OUT = ROOT / "ftune" / "assets" / "tiny_tokenizer"
 
@@ -129,7 +131,11 @@ def main() -> None:
     write_jsonl(OUT / "text.jsonl", [{"text": p} for p in paragraphs])
 
     corpus = [r["text"] for r in train] + [f"{i} {x} {y}" for i, x, y in tasks]
-    corpus += ["### Instruction:\n### Input:\n### Response:\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"]
+    # The prompt templates' fixed text, so the tiny models' prompts stay a few dozen tokens long.
+    from ftune.data.formats import FALLBACK_CHAT_TEMPLATES, PROMPT_TEMPLATES
+
+    corpus += [t for pair in PROMPT_TEMPLATES.values() for t in pair] * 50
+    corpus += list(FALLBACK_CHAT_TEMPLATES.values()) * 50
     build_tokenizer(corpus)
     print(f"wrote {OUT} and {TOK_OUT}")
 

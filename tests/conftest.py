@@ -1,0 +1,48 @@
+"""Shared fixtures: compose the real Hydra configs, clamp them small, run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import ftune.config  # noqa: F401  (registers the pkg_path resolver)
+from ftune.config import config_dir
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+FTUNE = Path(sys.executable).parent / "ftune"
+
+# Small and fast, but a real run of the real pipeline.
+SMALL = ["trainer.max_steps=4", "trainer.batch_size=4", "trainer.max_length=128", "trainer.log_every=1",
+         "trainer.progress=false"]
+
+
+def compose_train(overrides: list[str], output_dir: Path | None = None, small: bool = True) -> DictConfig:
+    """The composed `configs/train.yaml` with ``overrides``, as `ftune train` would see it."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=(SMALL if small else []) + list(overrides))
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir) if output_dir else None
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*overrides: str, small: bool = True, out: str = "run") -> DictConfig:
+        return compose_train(list(overrides), tmp_path / out, small=small)
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed `ftune` console script in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([str(FTUNE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
