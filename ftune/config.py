@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ftune.errors import FtuneError
 
@@ -129,6 +129,13 @@ def validate_group(cfg: DictConfig, group: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema_cls), node)
         return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "?")
+        hint = " (a local json/jsonl/csv/tsv/parquet file or a hub id)" if group == "dataset" and key == "path" else ""
+        raise FtuneError(
+            f"The {group} config '{node.get('name', '?')}' needs a value for {group}.{key}{hint}; set it on the "
+            f"command line, e.g. `ftune train {group}={node.get('name', '?')} {group}.{key}=...`."
+        ) from None
     except OmegaConfBaseException as e:
         keys = ", ".join(f.name for f in dataclasses.fields(schema_cls))
         raise FtuneError(

@@ -177,5 +177,7 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.de
     if replaced == 0:
         raise FtuneError("QLoRA found no linear layers to quantize in this model; use `method=lora` instead.")
     model.to(device)
-    model.config.ftune_quantized = "nf4"
+    # What transformers sets when it loads a 4-bit model: peft reads it to wrap these layers with
+    # its bitsandbytes-aware LoRA layers and to prepare the model for k-bit training.
+    model.is_loaded_in_4bit = True
     return model
