@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -57,7 +57,7 @@ if not OmegaConf.has_resolver("pkg_path"):
 class ModelConfig:
     name: str = "???"
     path: Optional[str] = None  # hub id or local directory with safetensors weights
-    config: Optional[dict] = None  # build from this transformers config instead (tiny test models)
+    config: Optional[Dict[str, Any]] = None  # build from this transformers config instead (tiny test models)
     tokenizer: Optional[str] = None  # defaults to path
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: dtype the base weights are loaded in
@@ -83,7 +83,7 @@ class DatasetConfig:
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: str = "label"
-    label_names: Optional[list] = None
+    label_names: Optional[List[Any]] = None
     # instruction
     instruction_column: str = "instruction"
     input_column: Optional[str] = "input"
@@ -120,6 +120,22 @@ class TrainerConfig:
 
 
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "dataset": DatasetConfig, "trainer": TrainerConfig}
+
+
+def register_schemas() -> None:
+    """Store each schema as option ``schema`` of its group; every YAML of the group extends it.
+
+    So every key exists in every config of the group (``dataset.eval_path=...`` works on any
+    dataset), and Hydra rejects a misspelt key or a wrong type at composition time.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+register_schemas()
 
 
 def validate_group(cfg: DictConfig, group: str) -> Any:
