@@ -75,3 +75,14 @@ def test_cfg_job_prints_config_and_trains_nothing(tmp_path):
     assert res.returncode == 0
     assert "name: qlora" in res.stdout and "max_steps" in res.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_default_job_trains_minilm_and_beats_chance(tmp_path):
+    """`ftune train` with no arguments: pretrained MiniLM + LoRA on the bundled reviews, offline."""
+    res = run_cli("train", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs = list((tmp_path / "outputs").glob("*/*_lora"))
+    assert len(runs) == 1
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["eval/accuracy"] > 0.8, metrics  # 400 held-out reviews, chance is 0.5
+    assert f"eval/accuracy = {metrics['eval/accuracy']:.4f}" in res.stdout
