@@ -33,7 +33,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -111,8 +111,9 @@ def arch_spec(model: nn.Module, method: str) -> ArchSpec:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHS:
         raise MethodNotApplicable(
-            f"Method '{method}' does not know where to put its modules in a '{model_type}' model; it supports "
-            f"the model types {', '.join(sorted(ARCHS))}. Choose one of those models or a peft method such as lora."
+            f"Method '{method}' does not know where to put its modules in a '{model_type}' model; it "
+            f"supports the model types {', '.join(sorted(ARCHS))}. Choose one of those models, or a peft "
+            f"method such as lora."
         )
     return ARCHS[model_type]
 
@@ -151,7 +152,9 @@ class BottleneckAdapter(nn.Module):
     are bound methods so that ``copy.deepcopy(model)`` re-points them at the copied adapter.
     """
 
-    def __init__(self, dim: int, bottleneck: int, non_linearity: str, scale: float = 1.0, gated: bool = False):
+    def __init__(
+        self, dim: int, bottleneck: int, non_linearity: str, scale: float = 1.0, gated: bool = False
+    ):
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.act = ACTIVATIONS[non_linearity]()
@@ -160,7 +163,7 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.scale = scale
         self.gate = nn.Linear(dim, 1) if gated else None
-        self._ffn_input: Optional[torch.Tensor] = None
+        self._ffn_input: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution (to be added to a hidden state), not the sum."""
@@ -195,7 +198,7 @@ def add_parallel_adapter(block: nn.Module, spec: ArchSpec, adapter: BottleneckAd
     block.get_submodule(spec.ffn_output).register_forward_hook(adapter.parallel_hook)
 
 
-def bottleneck_size(bottleneck: Optional[int], reduction_factor: int, hidden: int) -> int:
+def bottleneck_size(bottleneck: int | None, reduction_factor: int, hidden: int) -> int:
     """An explicit bottleneck size, else ``hidden // reduction_factor`` (at least 1)."""
     return bottleneck if bottleneck else max(1, hidden // reduction_factor)
 
@@ -226,7 +229,9 @@ class InjectedMethod(Method):
     def check(self, model: nn.Module, ctx: MethodContext) -> None:
         spec = arch_spec(model, self.name)
         if ctx.task not in TASKS:
-            raise MethodNotApplicable(f"Method '{self.name}' supports the tasks {', '.join(TASKS)}, not '{ctx.task}'.")
+            raise MethodNotApplicable(
+                f"Method '{self.name}' supports the tasks {', '.join(TASKS)}, not '{ctx.task}'."
+            )
         if any(hasattr(block, CONTAINER) for block in transformer_blocks(model, spec)):
             raise MethodNotApplicable(
                 f"This model already carries ftune adapter modules; '{self.name}' needs a fresh base model."
@@ -287,14 +292,14 @@ class InjectedMethod(Method):
         index = json.loads((out_dir / INDEX_FILE).read_text())
         if index.get("method") != self.name:
             raise FtuneError(
-                f"The adapter in '{out_dir}' was trained with method '{index.get('method')}', not '{self.name}'; "
-                f"load it with `method={index.get('method')}`."
+                f"The adapter in '{out_dir}' was trained with method '{index.get('method')}', not "
+                f"'{self.name}'; load it with `method={index.get('method')}`."
             )
         model_type = base_model.config.model_type
         if index.get("model_type") != model_type:
             raise FtuneError(
-                f"The adapter in '{out_dir}' was trained on a '{index.get('model_type')}' model, but the base model "
-                f"is a '{model_type}' model. Use the run's own model config."
+                f"The adapter in '{out_dir}' was trained on a '{index.get('model_type')}' model, but the "
+                f"base model is a '{model_type}' model. Use the run's own model config."
             )
         # rebuild with the settings the adapter was trained with, whatever the current YAML says
         fields = {f.name for f in dataclasses.fields(self.settings_cls)}
@@ -306,10 +311,12 @@ class InjectedMethod(Method):
         expected = {n for n, p in params.items() if p.requires_grad}
         unknown = sorted(set(tensors) - set(params))
         missing = sorted(expected - set(tensors))
-        if unknown or missing:
+        mismatched = sorted(n for n in set(tensors) & set(params) if tensors[n].shape != params[n].shape)
+        if unknown or missing or mismatched:
             raise FtuneError(
                 f"The adapter in '{out_dir}' does not fit this base model (unknown tensors: {unknown[:3]}, "
-                f"missing tensors: {missing[:3]}); it was trained on another model. Use the run's own model config."
+                f"missing: {missing[:3]}, other shapes: {mismatched[:3]}); it was trained on another model. "
+                f"Use the run's own model config."
             )
         model.load_state_dict(tensors, strict=False)
         return model
@@ -320,7 +327,7 @@ class InjectedMethod(Method):
 class BottleneckSettings(MethodSettings):
     lr: float = 3e-4
     reduction_factor: int = 16  # bottleneck = hidden_size // reduction_factor ...
-    bottleneck_size: Optional[int] = None  # ... unless set explicitly
+    bottleneck_size: int | None = None  # ... unless set explicitly
     non_linearity: str = "relu"  # relu | gelu | swish | silu | tanh
 
 

@@ -34,7 +34,6 @@ Saved format: see :mod:`ftune.methods.adapters`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +63,12 @@ PREFIX_INIT_STD = 0.02
 class PrefixKV(nn.Module):
     """One layer's prefix: ``key`` and ``value`` of shape (kv_heads, length, head_dim), optionally gated."""
 
-    def __init__(self, length: int, kv_heads: int, head_dim: int, gate_dim: Optional[int] = None):
+    def __init__(self, length: int, kv_heads: int, head_dim: int, gate_dim: int | None = None):
         super().__init__()
         self.key = nn.Parameter(torch.randn(kv_heads, length, head_dim) * PREFIX_INIT_STD)
         self.value = nn.Parameter(torch.randn(kv_heads, length, head_dim) * PREFIX_INIT_STD)
         self.gate = nn.Linear(gate_dim, 1) if gate_dim else None
-        self._gate_value: Optional[torch.Tensor] = None
+        self._gate_value: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -83,9 +82,10 @@ class PrefixKV(nn.Module):
         """Forward pre-hook on the attention module: compute the per-token gate from its input."""
         hidden = args[0] if args else kwargs["hidden_states"]
         gate = torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype)))  # (batch, q_len, 1)
-        self._gate_value = gate.unsqueeze(1)  # (batch, 1, q_len, 1): broadcasts over heads and keys
+        # (batch, 1, q_len, 1) broadcasts over heads and keys; in the attention's dtype
+        self._gate_value = gate.unsqueeze(1).to(hidden.dtype)
 
-    def take_gate(self) -> Optional[torch.Tensor]:
+    def take_gate(self) -> torch.Tensor | None:
         gate, self._gate_value = self._gate_value, None
         return gate
 
@@ -110,8 +110,8 @@ class _PrefixConfigView:
 
 
 def extend_mask(
-    mask: Optional[torch.Tensor], prefix_len: int, q_len: int, kv_len: int, is_causal: bool, device
-) -> Optional[torch.Tensor]:
+    mask: torch.Tensor | None, prefix_len: int, q_len: int, kv_len: int, is_causal: bool, device
+) -> torch.Tensor | None:
     """The attention mask with ``prefix_len`` always-visible key columns in front.
 
     ``mask`` is what the model built for its implementation: None, a boolean mask (True = attend) or
@@ -133,11 +133,11 @@ def eager_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    scaling: Optional[float] = None,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
     dropout: float = 0.0,
     prefix_len: int = 0,
-    gate: Optional[torch.Tensor] = None,
+    gate: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in plain torch ops; ``gate`` (batch, 1, q_len, 1) scales the first
@@ -179,7 +179,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     mask = extend_mask(attention_mask, prefix.length, q_len, kv_len, is_causal, query.device)
     gate = prefix.take_gate()
     if implementation == "sdpa" and gate is None:
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, mask, is_causal=is_causal, **kwargs)
     return eager_attention(module, query, key, value, mask, prefix_len=prefix.length, gate=gate, **kwargs)
 
 
@@ -188,9 +188,9 @@ AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
 
 def _implementation_message(implementation: str) -> str:
     return (
-        f"Prefix tuning in ftune works with the attention implementations {' and '.join(PREFIX_IMPLEMENTATIONS)}, "
-        f"but this model uses '{implementation}'. Set `model.attn_implementation=sdpa`, or use "
-        f"method.prefix_length=0 to train without a prefix."
+        f"Prefix tuning in ftune works with the attention implementations "
+        f"{' and '.join(PREFIX_IMPLEMENTATIONS)}, but this model uses '{implementation}'. "
+        f"Set `model.attn_implementation=sdpa`, or method.prefix_length=0 to train without a prefix."
     )
 
 
@@ -220,8 +220,16 @@ class LoraDelta(nn.Module):
     at zero, so the projection is unchanged at first; ``gate`` is 1 unless ``gated`` (UniPELT).
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
-                 gated: bool = False, pad: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        gated: bool = False,
+        pad: tuple[int, int] = (0, 0),
+    ):
         super().__init__()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -243,8 +251,9 @@ class LoraDelta(nn.Module):
         return output + F.pad(self(args[0]), self.pad)
 
 
-def add_lora(block: nn.Module, spec: ArchSpec, which: str, r: int, alpha: float, dropout: float,
-             gated: bool) -> LoraDelta:
+def add_lora(
+    block: nn.Module, spec: ArchSpec, which: str, r: int, alpha: float, dropout: float, gated: bool
+) -> LoraDelta:
     """LoRA on ``block``'s query (``which="q"``) or value (``"v"``) projection."""
     target = block.get_submodule(spec.query if which == "q" else spec.value)
     in_features, out_features = linear_features(target)
@@ -264,7 +273,7 @@ class MamSettings(MethodSettings):
     lr: float = 3e-4
     prefix_length: int = 30  # prefix vectors per layer (l = 30 in the paper); 0 = no prefix
     reduction_factor: int = 2  # parallel-adapter bottleneck = hidden_size // reduction_factor ...
-    bottleneck_size: Optional[int] = None  # ... unless set (512 on a 1024-wide model in the paper)
+    bottleneck_size: int | None = None  # ... unless set (512 on a 1024-wide model in the paper)
     scaling: float = 4.0  # s, the parallel adapter's output scale
     non_linearity: str = "relu"
 
@@ -298,7 +307,7 @@ class UniPeltSettings(MethodSettings):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     reduction_factor: int = 16  # adapter bottleneck = hidden_size // reduction_factor ...
-    bottleneck_size: Optional[int] = None  # ... unless set
+    bottleneck_size: int | None = None  # ... unless set
     non_linearity: str = "relu"
 
 
@@ -318,7 +327,9 @@ class UniPelt(InjectedMethod):
         if s.prefix_length:
             modules["prefix"] = add_prefix(block, spec, config, s.prefix_length, gated=True)
         for which in ("q", "v"):
-            modules[f"lora_{which}"] = add_lora(block, spec, which, s.lora_r, s.lora_alpha, s.lora_dropout, gated=True)
+            modules[f"lora_{which}"] = add_lora(
+                block, spec, which, s.lora_r, s.lora_alpha, s.lora_dropout, gated=True
+            )
         size = bottleneck_size(s.bottleneck_size, s.reduction_factor, config.hidden_size)
         modules["ffn_adapter"] = BottleneckAdapter(config.hidden_size, size, s.non_linearity, gated=True)
         add_sequential_adapter(block, spec.ffn_output, modules["ffn_adapter"])

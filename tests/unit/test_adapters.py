@@ -46,7 +46,23 @@ PREFIX_METHODS = ["mam", "unipelt"]
 ARCHS = ["llama", "gpt2", "bert"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and idle-spinning threads crawl on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(arch: str):
+    config = _tiny_config(arch)
+    # weights at the scale of a trained model, so that a frozen LM head can express a confident prediction
+    config.initializer_range = 0.2
+    return config
+
+
+def _tiny_config(arch: str):
     if arch == "llama":
         return LlamaConfig(vocab_size=128, hidden_size=H, intermediate_size=64, num_hidden_layers=LAYERS,
                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
@@ -103,7 +119,7 @@ def prepared(name: str, arch: str, task: str | None = None, attn: str = "sdpa", 
 
 def batch(arch: str, task: str, size: int = 4, length: int = 10) -> dict:
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 128, (size, length), generator=g)
+    ids = torch.randint(3, 19, (size, length), generator=g)  # few distinct tokens: learnable in 30 steps
     labels = torch.randint(0, LABELS, (size,), generator=g) if task == "seq_cls" else ids
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
@@ -117,7 +133,7 @@ def perturb_trainable(model: nn.Module, scale: float = 0.3) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-# --- expected parameter counts, from the shapes alone -------------------------------------------------
+# --- expected parameter counts, from the shapes alone ---------------------------------------------
 def shapes(arch: str, task: str) -> dict:
     c = tiny_config(arch)
     heads = c.num_attention_heads
@@ -145,13 +161,13 @@ def expected_trainable(name: str, arch: str, task: str) -> int:
         "adapter_houlsby": 2 * adapter_count(H // 8) + 2 * s["norm"],
         "adapter_pfeiffer": adapter_count(6),
         "mam": prefix + adapter_count(8),
-        "unipelt": prefix + (H + 1) + gated_lora_count(s["q"]) + gated_lora_count(s["kv"])
-        + adapter_count(4, gated=True),
+        "unipelt": prefix + (H + 1)  # the prefix and its gate
+        + gated_lora_count(s["q"]) + gated_lora_count(s["kv"]) + adapter_count(4, gated=True),
     }[name]
     return LAYERS * per_layer + s["head"]
 
 
-# --- 1. trainable parameters ----------------------------------------------------------------------------
+# --- 1. trainable parameters ----------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", METHODS)
 def test_trainable_parameter_count(name, arch):
@@ -179,11 +195,12 @@ def test_sequence_classification_head_is_trained(name):
 def test_only_method_modules_head_and_houlsby_norms_are_trainable():
     _, model, _ = prepared("adapter_houlsby", "bert")
     for n, p in model.named_parameters():
-        expected = ".ftune." in n or n.startswith("classifier.") or "LayerNorm" in n and ".encoder.layer." in n
+        block_norm = "LayerNorm" in n and ".encoder.layer." in n
+        expected = ".ftune." in n or n.startswith("classifier.") or block_norm
         assert p.requires_grad == expected, n
 
 
-# --- 2. outputs right after prepare ---------------------------------------------------------------------
+# --- 2. outputs right after prepare ---------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ["adapter_houlsby", "adapter_pfeiffer"])
 def test_adapters_start_identical_to_base(name, arch):
@@ -210,7 +227,7 @@ def test_mixtures_change_outputs_only_through_the_prefix(name, arch):
     assert torch.equal(without_prefix.eval()(**inputs).logits, reference)
 
 
-# --- 3. training --------------------------------------------------------------------------------------------
+# --- 3. training ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", METHODS)
 def test_loss_falls_when_overfitting_one_batch(name, arch):
@@ -228,7 +245,7 @@ def test_loss_falls_when_overfitting_one_batch(name, arch):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-# --- 4. save and load ----------------------------------------------------------------------------------------
+# --- 4. save and load -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", METHODS)
 def test_save_then_load_reproduces_logits(name, arch, tmp_path):
@@ -262,7 +279,7 @@ def test_load_rejects_another_method_or_model_type(tmp_path):
         method.load(gpt2, tmp_path, context(gpt2, "causal_lm"))
 
 
-# --- 5. UniPELT gates ----------------------------------------------------------------------------------------
+# --- 5. UniPELT gates -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unipelt_gates_are_trained(arch):
     _, model, task = prepared("unipelt", arch)
@@ -282,7 +299,7 @@ def test_unipelt_gates_are_trained(arch):
         assert not torch.equal(p, before[n]), n
 
 
-# --- 6. merge ------------------------------------------------------------------------------------------------
+# --- 6. merge -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
 def test_merge_is_refused(name):
     method, model, _ = prepared(name, "llama")
@@ -291,7 +308,7 @@ def test_merge_is_refused(name):
         method.merge(model)
 
 
-# --- 7. applicability ----------------------------------------------------------------------------------------
+# --- 7. applicability -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
 def test_unsupported_model_type(name):
     class Stub(nn.Module):
@@ -321,7 +338,7 @@ def test_unknown_non_linearity_is_refused():
         make_method("adapter_pfeiffer", non_linearity="softplus").prepare(model, context(model, "causal_lm"))
 
 
-# --- the prefix mechanism ------------------------------------------------------------------------------------
+# --- the prefix mechanism -------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", PREFIX_METHODS)
 def test_prefix_takes_part_in_attention(name, arch):
@@ -424,7 +441,18 @@ def test_deepcopy_gets_its_own_modules(name):
     assert not torch.allclose(twin(**b).logits, before)
 
 
-# --- the YAML configs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", METHODS)
+def test_half_precision_base_trains_float32_modules(name, arch):
+    model = base_model(arch).to(torch.bfloat16)
+    model = make_method(name).prepare(model, context(model, task_of(arch)))
+    assert {p.dtype for n, p in model.named_parameters() if ".ftune." in n} == {torch.float32}
+    model.train()
+    model(**batch(arch, task_of(arch))).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".ftune." in n)
+
+
+# --- the YAML configs -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
 def test_method_yaml_builds(name):
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
@@ -432,5 +460,6 @@ def test_method_yaml_builds(name):
     assert method.name == name and method.settings.lr > 0
     fields = {f.name for f in dataclasses.fields(method.settings_cls)}
     assert set(cfg.keys()) <= fields
-    assert type(method) is {"adapter_houlsby": adapters.HoulsbyAdapter, "adapter_pfeiffer": adapters.PfeifferAdapter,
-                            "mam": mixtures.Mam, "unipelt": mixtures.UniPelt}[name]
+    classes = {"adapter_houlsby": adapters.HoulsbyAdapter, "adapter_pfeiffer": adapters.PfeifferAdapter,
+               "mam": mixtures.Mam, "unipelt": mixtures.UniPelt}
+    assert type(method) is classes[name]
