@@ -6,9 +6,10 @@ Everything is generated from templates with a fixed seed, so the files are repro
 no third-party license. They exist for the offline default job (`ftune train`) and the tests; real
 work points `dataset.path` at a hub id or local file.
 
-- sentiment_{train,eval}.jsonl: product/movie reviews with a positive/negative label. Eval uses
-  sentences built from held-out combinations, and about a fifth of all rows carry a negation
-  ("was not great"), so a bag-of-words guess is not enough.
+- sentiment_{train,eval}.jsonl: product/movie reviews with a positive/negative label. Eval
+  sentences never occur in train; a fifth of the clauses carry a negation ("was not great") and
+  three in ten reviews a contrast ("the cast was great, but the plot was dull": the clause after
+  "but" decides), so a bag-of-words guess is not enough.
 - instructions.jsonl: alpaca-style {instruction, input, output} rows of small deterministic tasks.
 - chat.jsonl: the same tasks as {messages: [{role, content}, ...]} conversations.
 - text.jsonl: {text} paragraphs for continued pretraining.
@@ -40,16 +41,23 @@ NEG_CLAUSES = ["i want my money back", "we left early", "a waste of an evening",
                "i could not wait for it to end", "it fell flat", "i would not recommend it"]
 
 
-def review(rng: random.Random, label: int) -> str:
+def clause(rng: random.Random, label: int) -> str:
     negate = rng.random() < 0.2
     # A negated opposite word carries the label: "was not boring" is positive.
     words = (NEG if label == 1 else POS) if negate else (POS if label == 1 else NEG)
     subj, adv, adj = rng.choice(SUBJECTS), rng.choice(ADVERBS), rng.choice(words)
     verb = rng.choice(["was", "is", "felt", "seemed"])
-    core = f"{subj} {verb} {'not ' + adv if negate else adv}{adj}"
-    if rng.random() < 0.5:
-        clause = rng.choice(POS_CLAUSES if label == 1 else NEG_CLAUSES)
-        core = f"{core}, {clause}" if rng.random() < 0.5 else f"{clause}: {core}"
+    return f"{subj} {verb} {'not ' + adv if negate else adv}{adj}"
+
+
+def review(rng: random.Random, label: int) -> str:
+    core = clause(rng, label)
+    if rng.random() < 0.3:
+        # Contrast: the clause after "but" decides ("the cast was great, but the plot was dull").
+        core = f"{clause(rng, 1 - label)}, but {core}"
+    elif rng.random() < 0.5:
+        tail = rng.choice(POS_CLAUSES if label == 1 else NEG_CLAUSES)
+        core = f"{core}, {tail}" if rng.random() < 0.5 else f"{tail}: {core}"
     return core[0].upper() + core[1:] + rng.choice([".", "!", " ."])
 
 
