@@ -1,22 +1,33 @@
-"""`ftune <command> [hydra overrides]`: one flat map of subcommands, each a Hydra app.
+"""`ftune <command> [hydra overrides]`: one flat map of subcommands, each a Hydra app (but compare).
 
     ftune train [key=value ...]        fine-tune (Hydra multirun with -m; --cfg job shows the config)
+    ftune eval run=runs/x              evaluate a run (or model=<config> dataset=<config>: a base model)
+    ftune merge run=runs/x out=DIR     a standalone transformers model directory
+    ftune generate run=runs/x prompt=  sample from a causal-LM run
+    ftune compare DIR [DIR ...]        table + plot across runs (plain paths, not a Hydra app)
     ftune --help                       this list
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from ftune.errors import FtuneError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (config name under configs/, one-line help)
     "train": ("train", "fine-tune a model: ftune train method=lora model=llama dataset=alpaca"),
+    "eval": ("eval", "evaluate a run: ftune eval run=runs/x [dataset=sst2] | a base model: model=minilm dataset=sentiment"),
+    "merge": ("merge", "merge a run into a standalone model: ftune merge run=runs/x out=models/x-merged"),
+    "generate": ("generate", 'complete a prompt with a causal-LM run: ftune generate run=runs/x prompt="..."'),
+    "compare": ("", "compare runs: ftune compare runs/sweep [runs/y ...] [out=DIR] [metric=eval/loss]"),
 }
+PLAIN_COMMANDS = ("compare",)  # take plain paths (a sweep dir is positional), not Hydra overrides
 
 HELP = """ftune: config-driven fine-tuning of language models.
 
@@ -25,9 +36,12 @@ usage: ftune <command> [key=value ...] [-m] [--cfg job] [--help]
 commands:
 {commands}
 
-Each command is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
+Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
 scheduler=, trainer=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4).
-`ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values.
+`ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
+(`ftune train -m +hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
+compare takes plain paths: run directories or sweep directories holding runs, plus out=DIR and
+metric=KEY; it writes comparison.md, comparison.csv and comparison.png.
 """
 
 
@@ -70,12 +84,67 @@ def _train_job(cfg) -> float | None:
     return metrics.get(key)
 
 
-JOBS: dict[str, Callable] = {"train": _train_job}
+def _job(run: Callable[[Any], Any]) -> Callable:
+    """A Hydra task function that shows a FtuneError as one paragraph and exits with its code."""
+
+    def job(cfg):
+        try:
+            return run(cfg)
+        except FtuneError as e:
+            report_error(e, bool(cfg.get("verbose")))
+            sys.exit(e.exit_code)
+
+    job.__name__ = job.__qualname__ = f"{run.__name__}_job"
+    return job
+
+
+def _eval(cfg) -> float | None:
+    from ftune.evaluate import run_eval
+
+    report = run_eval(cfg)
+    for key in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss"):
+        if key in report:
+            return report[key]
+    return None
+
+
+def _merge(cfg) -> None:
+    from ftune.merge import run_merge
+
+    run_merge(cfg)
+
+
+def _generate(cfg) -> None:
+    from ftune.generate import run_generate
+
+    run_generate(cfg)
+
+
+JOBS: dict[str, Callable] = {"train": _train_job, "eval": _job(_eval), "merge": _job(_merge),
+                             "generate": _job(_generate)}
+
+# generate's free-text values are quoted for Hydra, so commas, colons and brackets stay text
+FREE_TEXT_KEYS = {"generate": ("prompt", "input", "system")}
+
+
+def _quote_free_text(command: str, argv: list[str]) -> list[str]:
+    keys = FREE_TEXT_KEYS.get(command, ())
+    out = []
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if sep and key.lstrip("+~") in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            # Hydra's quoted strings: a quote is escaped with a backslash, and backslashes only need
+            # doubling right before a quote or at the end of the string
+            value = "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+            a = f"{key}={value}"
+        out.append(a)
+    return out
 
 
 def _translate_output_dir(argv: list[str]) -> list[str]:
     """`output_dir=X` also names Hydra's run (or sweep) directory, so nothing is created elsewhere."""
-    multirun = "-m" in argv or "--multirun" in argv
+    multirun = "-m" in argv or "--multirun" in argv or any(
+        a.lstrip("+").startswith("hparams_search=") for a in argv)  # hparams_search sets hydra.mode MULTIRUN
     extra = []
     for a in argv:
         if a.startswith("output_dir="):
@@ -95,19 +164,28 @@ def main(argv: list[str] | None = None) -> None:
         print(HELP.format(commands="\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())))
         return
     command, rest = argv[0], argv[1:]
+    if command in PLAIN_COMMANDS:
+        from ftune.compare import main as compare_main
+
+        try:
+            compare_main(rest)
+        except FtuneError as e:
+            report_error(e, _verbose(rest))
+            sys.exit(e.exit_code)
+        return
     if command not in COMMANDS:
         print(
             f"error: unknown command '{command}'. Commands: {', '.join(COMMANDS)} (see `ftune --help`).",
             file=sys.stderr,
         )
         sys.exit(2)
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1" if _verbose(rest) else "0")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors; main() words them as one paragraph
     import warnings
 
     import hydra
     import transformers
 
-    from ftune.config import config_dir
+    from ftune.config import config_dir, recipes_dir
 
     # Loading reports ("classifier.weight newly initialized") and deprecation notices are noise for
     # users of the CLI; ftune prints what matters itself. verbose=true shows them.
@@ -119,12 +197,42 @@ def main(argv: list[str] | None = None) -> None:
 
     config_name, _ = COMMANDS[command]
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(JOBS[command])
-    sys.argv = [f"ftune {command}"] + _translate_output_dir(rest)
+    # recipes/ sits beside configs/ (checkout) or inside the package (wheel): make it the
+    # `recipes` config group, so `ftune train recipes=<name>` picks a recipe.
+    searchpath = [] if any(a.startswith("hydra.searchpath") for a in rest) else [
+        f"hydra.searchpath=[file://{recipes_dir().parent}]"]
+    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quote_free_text(command, rest))
     try:
         app()
     except FtuneError as e:
         report_error(e, _verbose(rest))
         sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:  # before training started (the training loop saves and exits by itself)
+        err = FtuneError(f"Interrupted before training started; nothing was trained. Run `ftune {command} ...` again.")
+        err.__cause__ = e
+        report_error(err, _verbose(rest))
+        sys.exit(130)
+    except Exception as e:
+        from ftune.config import explain_config_error
+
+        err = explain_config_error(e, rest, command)
+        code = 2
+        if err is None and ("OutOfMemoryError" in type(e).__name__ or isinstance(e, MemoryError)):
+            err, code = FtuneError(
+                f"Out of memory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}). Lower "
+                f"trainer.batch_size (raise trainer.grad_accum to keep the effective batch), lower "
+                f"trainer.max_length, set trainer.activation_checkpointing=true, or use method=qlora / "
+                f"optimizer=adamw_8bit. With trainer.save_every set, resume=auto continues from the last checkpoint."
+            ), 1
+        elif err is None:
+            err, code = FtuneError(
+                f"ftune stopped on an unexpected error ({type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:500]}). This is probably a bug rather than a problem "
+                f"with your input: run the same command with verbose=true to see the traceback, and report it."
+            ), 1
+        err.__cause__ = e
+        report_error(err, _verbose(rest))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ftune.errors import FtuneError
@@ -154,8 +154,9 @@ def validate_group(cfg: DictConfig, group: str) -> Any:
         ) from None
     except OmegaConfBaseException as e:
         keys = ", ".join(f.name for f in dataclasses.fields(schema_cls))
+        what = (str(getattr(e, "msg", e)).strip().splitlines() or ["?"])[0]  # without OmegaConf's full_key lines
         raise FtuneError(
-            f"Invalid {group} setting: {getattr(e, 'msg', e)} (key '{getattr(e, 'full_key', '?')}'). "
+            f"Invalid {group} setting {group}.{getattr(e, 'full_key', '?')}: {what}. "
             f"Valid {group} keys are: {keys}. Fix the override or the YAML under configs/{group}/."
         ) from None
 
@@ -183,17 +184,154 @@ def validate_values(trainer: TrainerConfig, lr: float) -> None:
         raise FtuneError("Invalid training settings: " + "; ".join(problems) + ".")
 
 
-ALLOWED_TARGET_PREFIXES = ("torch.optim.", "bitsandbytes.optim.", "transformers.", "ftune.")
+# Optimizers and lr schedules only: not all of `transformers.` (its dynamic_module_utils loads code from the
+# hub, bypassing trust_remote_code) nor all of `ftune.` (whose helpers write and delete files).
+ALLOWED_TARGET_PREFIXES = ("torch.optim.", "bitsandbytes.optim.", "transformers.optimization.", "transformers.get_",
+                           "transformers.Adafactor", "ftune.schedules.")
 
 
 def check_target(node: DictConfig, group: str) -> None:
-    """Only instantiate ``_target_`` callables from trusted modules (configs are data, not code)."""
-    target = node.get("_target_")
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
-        raise FtuneError(
-            f"The {group} config names `_target_: {target}`, which ftune will not import: only callables "
-            f"under {', '.join(ALLOWED_TARGET_PREFIXES)} may be instantiated from a config. "
-            f"Choose a shipped {group} (configs/{group}/) or one of those modules."
+    """Only instantiate ``_target_`` callables from trusted modules (configs are data, not code).
+
+    Hydra instantiates nested nodes too, so every ``_target_`` inside ``node`` is checked.
+    """
+    targets = [(group, node.get("_target_"))]
+
+    def nested(value: Any, where: str) -> None:
+        if isinstance(value, (dict, DictConfig)):
+            for k, v in value.items():
+                if k == "_target_" and where != group:
+                    targets.append((where, v))
+                nested(v, f"{where}.{k}")
+        elif isinstance(value, (list, tuple, ListConfig)):
+            for i, v in enumerate(value):
+                nested(v, f"{where}[{i}]")
+
+    nested(node, group)
+    for where, target in targets:
+        if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+            raise FtuneError(
+                f"The {group} config names `_target_: {target}`" + (f" (at {where})" if where != group else "")
+                + f", which ftune will not import: only callables under {', '.join(ALLOWED_TARGET_PREFIXES)} may "
+                f"be instantiated from a config. Choose a shipped {group} (configs/{group}/) or one of those modules."
+            )
+
+
+
+
+# --- Hydra's composition errors, in ftune's words ---------------------------------------------------
+GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer")
+GROUP_HINTS = {
+    "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
+    "dataset": " Your own data: `dataset=instruction dataset.path=<file>` (or classification, chat, text).",
+}
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files under configs/<group>/."""
+    folder = config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _group_keys(group: str, argv: list[str]) -> list[str]:
+    if group in SCHEMAS:
+        return [f.name for f in dataclasses.fields(SCHEMAS[group])]
+    chosen = next((a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{group}=")), None)
+    if chosen is None:  # the default of train.yaml
+        defaults = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml")).get("defaults", [])
+        chosen = next((d[group] for d in defaults if isinstance(d, dict) and group in d), None)
+    files = [config_dir() / group / f"{chosen}.yaml"] if chosen else list((config_dir() / group).glob("*.yaml"))
+    keys: set[str] = set()
+    for f in files:
+        if f.exists():
+            keys |= {k for k in OmegaConf.load(f) if k != "defaults"}
+    return sorted(keys)
+
+
+def _unknown_key(key: str, argv: list[str]) -> FtuneError:
+    import difflib
+
+    group, _, name = key.partition(".")
+    if not name:
+        top = [k for k in OmegaConf.load(config_dir() / "train.yaml") if k not in ("defaults", "hydra")]
+        close = difflib.get_close_matches(key, list(GROUPS) + top, n=1)
+        return FtuneError(
+            f"Unknown config key or group '{key}'" + (f"; did you mean '{close[0]}'?" if close else ".")
+            + f" The config groups are {', '.join(GROUPS)} (pick one with e.g. `model=tiny_llama`) and the other "
+            f"top-level keys are {', '.join(top)}. Fix the spelling on the command line."
         )
+    keys = _group_keys(group, argv) if group in GROUPS else []
+    close = difflib.get_close_matches(name, keys, n=1)
+    extra = ("" if group in SCHEMAS else
+             f" If '{name}' is a real setting that configs/{group}/ does not list, add it with `++{key}=...`.")
+    return FtuneError(
+        f"Unknown config key '{key}'" + (f"; did you mean '{group}.{close[0]}'?" if close else ".")
+        + (f" The {group} keys are: {', '.join(keys)}." if keys else "") + " Fix the spelling on the command line "
+        f"(or in the YAML under configs/{group}/)." + extra
+    )
 
 
+def explain_config_error(err: BaseException, argv: list[str], command: str = "train") -> FtuneError | None:
+    """A one-paragraph FtuneError for an error Hydra raised while composing the config or creating the
+    run directory (or any OSError naming a file), else None."""
+    import re
+
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    msg = str(err).strip()
+    first = msg.splitlines()[0] if msg else type(err).__name__
+    if isinstance(err, OSError) and err.filename:  # e.g. Hydra creating output_dir under a file
+        out = next((a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")), None)
+        if out and Path(out).is_file():
+            return FtuneError(f"output_dir '{out}' is a file, not a directory; choose another output_dir.")
+        if out and str(err.filename).startswith(out.rstrip("/")):
+            return FtuneError(f"Cannot create output_dir '{out}': {err.strerror}. Choose a writable output_dir "
+                              f"(a new or empty directory whose parents are directories).")
+        return FtuneError(f"Cannot access '{err.filename}': {err.strerror}. Check the path and its permissions.")
+    if isinstance(err, MissingConfigException):
+        m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
+        if m:
+            group, option = m.groups()
+            options = [o for o in group_options(group) if o != "schema"] or re.findall(r"^\t(\S+)$", msg, re.M)
+            return FtuneError(
+                f"Unknown {group} '{option}': there is no configs/{group}/{option}.yaml. Choose one of: "
+                f"{', '.join(options)} (e.g. `{group}={options[0] if options else '...'}`)."
+                + GROUP_HINTS.get(group, "")
+            )
+        return FtuneError(f"{first}. Check the config names on the command line (`ftune {command} --help` lists them).")
+    if isinstance(err, OverrideParseException):
+        return FtuneError(
+            f"Could not read a command-line override: {first}. Write overrides as key=value, and quote values "
+            f"holding spaces, commas or brackets (key='a, b'); see https://hydra.cc/docs/advanced/override_grammar/basic/."
+        )
+    if not isinstance(err, (ConfigCompositionException, OmegaConfBaseException)):
+        return None
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    cause_first = (str(cause).strip().splitlines() or [""])[0]
+    if "No match in the defaults list" in msg:  # `modle=x`: a group override of no group
+        m = re.search(r"Could not override '([^']*)'", msg)
+        return _unknown_key(m.group(1) if m and m.group(1) else first, argv)
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m and ("not in struct" in f"{msg} {cause}" or "not in '" in f"{msg} {cause}"):
+        return _unknown_key(m.group(1), argv)
+    m = re.search(r"Error merging override (\S+?)=(.*)", first)
+    if m:
+        key, value = m.groups()
+        group, _, name = key.partition(".")
+        field = {f.name: f for f in dataclasses.fields(SCHEMAS[group])}.get(name) if group in SCHEMAS else None
+        kind = str(field.type) if field is not None else ""
+        wanted = next((w for t, w in (("bool", "true or false"), ("int", "an integer"), ("float", "a number"),
+                                      ("str", "a string"), ("list", "a list like [a,b]")) if t in kind.lower()),
+                      "a value of the right type")
+        if "Optional" in kind or "None" in kind:
+            wanted += " (or null)"
+        return FtuneError(
+            f"Wrong type for {key}: {cause_first}. {key} takes {wanted}; fix the value on the command line "
+            f"(`{key}={value}` was given)."
+        )
+    m = re.search(r"An item is already at '([^']+)'", msg)
+    if m:
+        return FtuneError(f"'{m.group(1)}' is already in the config, so it takes no '+': write "
+                          f"`{m.group(1)}=<value>` (or `++{m.group(1)}=<value>`).")
+    return FtuneError(f"Invalid configuration: {first}" + (f" ({cause_first})" if cause is not err else "")
+                      + ". Check the overrides on the command line and the YAML under configs/.")

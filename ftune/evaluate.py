@@ -1,8 +1,23 @@
-"""Evaluation on encoded examples: accuracy for classification, loss and perplexity for causal LMs."""
+"""Evaluation: the training loop's eval (loss, accuracy, perplexity) and the `ftune eval` command.
+
+The training loop calls :func:`task_loss`, :func:`model_inputs` and :func:`evaluate_examples`.
+``ftune eval`` adds, on top of the same encoded examples and the same prompt masking as training:
+
+- classification: accuracy, macro-F1, per-class counts and the confusion matrix (``confusion.png``);
+- causal LM: loss and perplexity = exp(mean loss per target token); with ``eval.scorer`` also
+  batched greedy generation (left padding) and exact match of the extracted answers.
+
+Results go to ``eval.json`` in the run directory (or ``out=``).
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +25,7 @@ from torch import nn
 
 from ftune.data.collate import Collator
 from ftune.data.formats import IGNORE
+from ftune.errors import FtuneError
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
@@ -33,6 +49,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def _batched_logits(model: nn.Module, examples: list[dict], collator: Collator, device: torch.device,
+                    batch_size: int, autocast_dtype: torch.dtype | None):
+    """(indices, batch, logits) over ``examples``, shortest first (less padding), in eval mode."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collator([examples[i] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(**model_inputs(batch)).logits
+        yield idx, batch, logits
+
+
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator, task: str,
                       device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None) -> dict:
@@ -40,12 +69,7 @@ def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator
     was_training = model.training
     model.eval()
     loss_sum, n_targets, correct = 0.0, 0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
-    for start in range(0, len(order), batch_size):
-        batch = collator([examples[i] for i in order[start:start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(**model_inputs(batch)).logits
+    for _, batch, logits in _batched_logits(model, examples, collator, device, batch_size, autocast_dtype):
         loss, n = task_loss(logits, batch["labels"], task)
         loss_sum += float(loss)
         n_targets += n
@@ -60,3 +84,353 @@ def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator
         metrics["eval/perplexity"] = math.exp(min(mean, 50.0))
     metrics["eval/examples"] = len(examples)
     return metrics
+
+
+# --- classification -----------------------------------------------------------------------------
+@torch.no_grad()
+def predict_classes(model: nn.Module, examples: list[dict], collator: Collator, device: torch.device,
+                    batch_size: int, autocast_dtype: torch.dtype | None = None) -> tuple[list[int], list[int], float]:
+    """(predicted class ids, true class ids, mean loss) over ``examples``, in their order."""
+    was_training = model.training
+    model.eval()
+    preds, labels = [0] * len(examples), [0] * len(examples)
+    loss_sum = 0.0
+    for idx, batch, logits in _batched_logits(model, examples, collator, device, batch_size, autocast_dtype):
+        loss, _ = task_loss(logits, batch["labels"], "seq_cls")
+        loss_sum += float(loss)
+        for i, p, y in zip(idx, logits.argmax(-1).tolist(), batch["labels"].tolist(), strict=True):
+            preds[i], labels[i] = p, y
+    model.train(was_training)
+    return preds, labels, loss_sum / max(len(examples), 1)
+
+
+def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class counts and the confusion matrix (rows: true class, columns: predicted).
+
+    A class's F1 is 0 when it has neither support nor predictions' overlap (precision or recall
+    undefined counts as 0, as scikit-learn's ``zero_division=0``); macro-F1 averages over every class.
+    """
+    k = len(label_names)
+    confusion = [[0] * k for _ in range(k)]
+    for p, y in zip(preds, labels, strict=True):
+        confusion[y][p] += 1
+    per_class: dict[str, dict[str, Any]] = {}
+    f1s = []
+    for c, name in enumerate(label_names):
+        tp = confusion[c][c]
+        support = sum(confusion[c])
+        predicted = sum(confusion[r][c] for r in range(k))
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        per_class[name] = {"support": support, "predicted": predicted, "correct": tp,
+                           "precision": precision, "recall": recall, "f1": f1}
+    n = len(labels)
+    return {
+        "eval/accuracy": sum(confusion[c][c] for c in range(k)) / n if n else 0.0,
+        "eval/macro_f1": sum(f1s) / k if k else 0.0,
+        "per_class": per_class,
+        "confusion": {"labels": list(label_names), "matrix": confusion},
+    }
+
+
+def plot_confusion(confusion: list[list[int]], label_names: list[str], out: Path, title: str) -> None:
+    """confusion.png: counts, true class down the rows, predicted class across the columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(label_names)
+    size = min(12.0, 2.5 + 0.6 * k)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(k), label_names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(range(k), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max((max(row) for row in confusion), default=0)
+    for r in range(k):
+        for c in range(k):
+            ax.text(c, r, str(confusion[r][c]), ha="center", va="center",
+                    color="white" if peak and confusion[r][c] > peak / 2 else "black", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# --- generation scoring -------------------------------------------------------------------------
+SCORERS = ("exact_match", "gsm8k")
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def _normalize_number(text: str) -> str:
+    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def extract_answer(text: str, scorer: str) -> str:
+    """The part of a completion (or reference) that ``scorer`` compares.
+
+    exact_match: the whole text, whitespace collapsed, lower-cased, trailing period dropped.
+    gsm8k: the number after ``####`` (GSM8K's answer line), else the last number in the text;
+    commas, ``$`` and a trailing period are dropped and ``72.0`` reads as ``72``.
+    """
+    if scorer == "gsm8k":
+        marked = re.search(r"####\s*([^\n]*)", text)
+        if marked:
+            numbers = _NUMBER.findall(marked.group(1))
+            return _normalize_number(numbers[0]) if numbers else marked.group(1).strip()
+        numbers = _NUMBER.findall(text)
+        return _normalize_number(numbers[-1]) if numbers else ""
+    if scorer == "exact_match":
+        return " ".join(text.split()).lower().rstrip(".").strip()
+    raise FtuneError(f"Unknown eval.scorer '{scorer}'; choose one of {', '.join(SCORERS)} (or null for none).")
+
+
+def score_answers(predictions: list[str], references: list[str], scorer: str) -> list[bool]:
+    return [extract_answer(p, scorer) == extract_answer(r, scorer) for p, r in zip(predictions, references, strict=True)]
+
+
+def prompt_and_reference(example: dict) -> tuple[list[int], list[int]] | None:
+    """Split an encoded causal-LM example at its first target token: (prompt ids, first answer's ids)."""
+    labels = example["labels"]
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
+    if first is None or first == 0:
+        return None
+    end = first
+    while end < len(labels) and labels[end] != IGNORE:
+        end += 1
+    return list(example["input_ids"][:first]), list(example["input_ids"][first:end])
+
+
+# --- the `ftune eval` command -------------------------------------------------------------------
+def _same_data(a, b) -> bool:
+    return (a.path, a.subset, a.split, a.format) == (b.path, b.subset, b.split, b.format)
+
+
+def _has_eval_split(d) -> bool:
+    return bool(d.eval_path or d.eval_split or d.eval_fraction)
+
+
+def eval_examples(data_cfg, tokenizer, max_length: int, seed: int, chat_template: str | None, split: str,
+                  max_samples: int | None):
+    """(examples, label_names, description of the split) for ``split`` in eval | all."""
+    from ftune.data import build_data
+
+    if split == "all":
+        cfg = replace(data_cfg, eval_path=None, eval_split=None, eval_fraction=None,
+                      max_samples=max_samples or data_cfg.max_eval_samples)
+        bundle = build_data(cfg, tokenizer, max_length, seed, chat_template)
+        return bundle.train, bundle.label_names, f"all rows of {data_cfg.path} ({data_cfg.split})"
+    if not _has_eval_split(data_cfg):
+        raise FtuneError(
+            f"Dataset '{data_cfg.name}' defines no held-out split (no eval_path, eval_split or eval_fraction). "
+            f"Evaluate every row with eval.split=all, or set dataset.eval_path=<file>."
+        )
+    cfg = replace(data_cfg, max_eval_samples=max_samples or data_cfg.max_eval_samples)
+    bundle = build_data(cfg, tokenizer, max_length, seed, chat_template)
+    if data_cfg.eval_path:
+        where = data_cfg.eval_path
+    elif data_cfg.eval_split:
+        where = f"{data_cfg.path} ({data_cfg.eval_split})"
+    else:
+        where = f"{data_cfg.path} (held-out {data_cfg.eval_fraction:g}, seed {seed})"
+    return bundle.eval, bundle.label_names, where
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_eval(cfg) -> dict[str, Any]:
+    """The `ftune eval` command: evaluate a run (run=) or a base model (model=) on a dataset."""
+    from omegaconf import OmegaConf
+
+    from ftune.config import validate_group
+    from ftune.data import task_of
+    from ftune.methods.base import trainable_parameters
+    from ftune.models import build_model, load_tokenizer
+    from ftune.progress import console, metrics_table
+    from ftune.runs import (
+        base_model_config,
+        check_run_dir,
+        load_run,
+        resolve_device,
+        resolve_precision,
+        run_config,
+    )
+
+    e = cfg.eval
+    if e.split not in ("auto", "eval", "all"):
+        raise FtuneError(f"eval.split must be auto, eval or all (got '{e.split}').")
+    if e.scorer is not None and e.scorer not in SCORERS:
+        raise FtuneError(f"Unknown eval.scorer '{e.scorer}'; choose one of {', '.join(SCORERS)} (or null for none).")
+    device = resolve_device(str(cfg.device))
+    model_override = validate_group(cfg, "model") if cfg.get("model") is not None else None
+    data_override = validate_group(cfg, "dataset") if cfg.get("dataset") is not None else None
+
+    if cfg.get("run"):
+        run_data = validate_group(run_config(check_run_dir(cfg.run)), "dataset")
+        data_cfg = data_override or run_data
+        if task_of(data_cfg) != task_of(run_data):  # said before any model is loaded
+            raise FtuneError(
+                f"Run '{cfg.run}' is a {task_of(run_data)} run but dataset '{data_cfg.name}' is a "
+                f"{task_of(data_cfg)} dataset; evaluate it on data of its own kind."
+            )
+        loaded = load_run(cfg.run, device, model_cfg=model_override)
+        model, tokenizer, method, run_cfg, run_task, label_names = loaded
+        model_cfg = model_override or validate_group(run_cfg, "model")
+        seed = int(run_cfg.get("seed", cfg.seed))
+        max_length = e.max_length or int(run_cfg.trainer.max_length)
+        precision = e.precision if e.precision != "auto" else str(run_cfg.trainer.get("precision", "auto"))
+        if run_task == "seq_cls":  # the class ids must mean what they meant in training
+            data_cfg = replace(data_cfg, label_names=list(label_names))
+        split = e.split
+        if split == "auto":
+            foreign = data_override is not None and not _same_data(data_override, run_data)
+            split = "all" if foreign and not (data_cfg.eval_path or data_cfg.eval_split) else (
+                "eval" if _has_eval_split(data_cfg) else "all")
+        method_name = method.name
+        if model_override is not None:
+            console.print(f"[yellow]note[/] base model '{model_override.path or model_override.name}' instead of the "
+                          f"run's own '{run_cfg.model.get('path') or run_cfg.model.name}'")
+        out = Path(str(cfg.out)) if cfg.get("out") else Path(str(cfg.run))
+        source = f"run {cfg.run}"
+    elif model_override is not None:
+        if data_override is None:
+            raise FtuneError("Evaluating a base model needs a dataset: add dataset=<config name>, e.g. dataset=sentiment.")
+        model_cfg = base_model_config(model_override)
+        data_cfg, seed = data_override, int(cfg.seed)
+        max_length = e.max_length or 512
+        precision = e.precision
+        run_cfg, method_name = None, "base"
+        split = e.split if e.split != "auto" else ("eval" if _has_eval_split(data_cfg) else "all")
+        tokenizer = load_tokenizer(model_cfg)
+        label_names = None
+        out = Path(str(cfg.out)) if cfg.get("out") else None
+        source = f"model {model_cfg.path or model_cfg.name}"
+    else:
+        raise FtuneError(
+            "Nothing to evaluate: pass run=<a run directory> (e.g. `ftune eval run=runs/x`), or model=<model config> "
+            "with dataset=<dataset config> to evaluate a base model."
+        )
+
+    task = task_of(data_cfg)
+    with console.status(f"Encoding {data_cfg.name}"):
+        examples, data_labels, where = eval_examples(data_cfg, tokenizer, max_length, seed, model_cfg.chat_template,
+                                                     split, e.max_samples)
+    if not examples:
+        raise FtuneError(f"No example to evaluate in {where}; check the dataset (or use eval.split=all).")
+    if run_cfg is None:  # a base model: built now that the classes are known
+        label_names = data_labels
+        with console.status(f"Loading model {model_cfg.path or model_cfg.name}"):
+            model = build_model(model_cfg, task, num_labels=len(label_names) or None, label_names=label_names,
+                                pad_token_id=tokenizer.pad_token_id)
+        model.to(device).eval()
+    autocast_dtype = resolve_precision(precision, device)
+    collator = Collator(tokenizer.pad_token_id, task)
+    batch_size = int(e.batch_size)
+    title = f"{source} · {data_cfg.name} · {where}"
+
+    metrics: dict[str, Any] = {}
+    extra_files: list[str] = []
+    with console.status(f"Evaluating {len(examples)} examples"):
+        if task == "seq_cls":
+            preds, labels, loss = predict_classes(model, examples, collator, device, batch_size, autocast_dtype)
+            metrics["eval/loss"] = loss
+            cls = classification_metrics(preds, labels, label_names)
+            metrics.update(cls)
+        else:
+            metrics.update(evaluate_examples(model, examples, collator, task, device, batch_size, autocast_dtype))
+    metrics["eval/examples"] = len(examples)
+    samples = None
+    if task == "causal_lm" and e.scorer:
+        samples = score_generations(model, tokenizer, data_cfg, max_length, seed, model_cfg.chat_template, split,
+                                    e, device, metrics)
+    trainable, total = trainable_parameters(model)
+
+    report: dict[str, Any] = {
+        **metrics,
+        "source": source, "method": method_name, "model": model_cfg.path or model_cfg.name,
+        "dataset": data_cfg.name, "data": where, "split": split, "task": task,
+        "trainable_params": trainable if run_cfg is not None else 0, "total_params": total,
+        "trainable_percent": 100.0 * trainable / total if run_cfg is not None and total else 0.0,
+    }
+    console.print(f"[bold]ftune eval[/]  {source}  method [cyan]{method_name}[/]  data [cyan]{where}[/]", soft_wrap=True)
+    console.print(metrics_table(_scalars(metrics), f"{data_cfg.name} · {split}"))
+    if task == "seq_cls":
+        console.print(_confusion_table(metrics["confusion"]["matrix"], label_names))
+    if samples:
+        report["samples"] = samples[:20]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if task == "seq_cls":
+            plot_confusion(metrics["confusion"]["matrix"], label_names, out / "confusion.png", title)
+            extra_files.append("confusion.png")
+        if samples:
+            with (out / "eval_predictions.jsonl").open("w") as f:
+                for s in samples:
+                    f.write(json.dumps(s) + "\n")
+            extra_files.append("eval_predictions.jsonl")
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        if run_cfg is None and not (out / "config.yaml").exists():  # so `ftune compare` lists the baseline
+            base = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg)),
+                    "dataset": OmegaConf.to_container(OmegaConf.structured(data_cfg)),
+                    "method": {"name": "base"}, "seed": seed}
+            (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(base)))
+        console.print(f"[bold green]wrote[/] {out / 'eval.json'}" + "".join(f", {out / f}" for f in extra_files))
+    else:
+        console.print("[dim]not saved: pass out=<dir> to write eval.json[/]")
+    return report
+
+
+def _confusion_table(matrix: list[list[int]], label_names: list[str]):
+    from rich.table import Table
+
+    table = Table(title="confusion (rows: true, columns: predicted)", header_style="bold")
+    table.add_column("true \\ pred")
+    for name in label_names:
+        table.add_column(name, justify="right")
+    table.add_column("support", justify="right")
+    for name, row in zip(label_names, matrix, strict=True):
+        table.add_row(name, *[str(v) for v in row], str(sum(row)))
+    return table
+
+
+def score_generations(model, tokenizer, data_cfg, max_length: int, seed: int, chat_template: str | None,
+                      split: str, e, device: torch.device, metrics: dict[str, Any]) -> list[dict]:
+    """Greedy answers to the eval prompts, scored with ``e.scorer``; adds eval/<scorer> to ``metrics``."""
+    from ftune.generate import generate_ids, stop_text
+    from ftune.progress import console
+
+    if data_cfg.format not in ("instruction", "chat"):
+        raise FtuneError(
+            f"eval.scorer={e.scorer} generates answers to prompts, which needs an instruction or chat dataset; "
+            f"'{data_cfg.name}' is a {data_cfg.format} dataset. Drop eval.scorer to get loss and perplexity."
+        )
+    # the prompts as training formatted them, with the answer as the only target
+    scored_cfg = replace(data_cfg, train_on_prompt=False)
+    examples, _, _ = eval_examples(scored_cfg, tokenizer, max_length, seed, chat_template, split, e.max_samples)
+    pairs = [p for p in (prompt_and_reference(x) for x in examples) if p is not None]
+    if not pairs:
+        raise FtuneError(f"No eval example of '{data_cfg.name}' has a prompt and an answer to score.")
+    with console.status(f"Generating {len(pairs)} answers (greedy, max_new_tokens={e.max_new_tokens})"):
+        outputs = generate_ids(model, tokenizer, [p for p, _ in pairs], max_new_tokens=int(e.max_new_tokens),
+                               batch_size=int(e.batch_size), device=device, temperature=0.0)
+    predictions = [stop_text(tokenizer.decode(o, skip_special_tokens=True), tokenizer) for o in outputs]
+    references = [stop_text(tokenizer.decode(r, skip_special_tokens=True), tokenizer) for _, r in pairs]
+    correct = score_answers(predictions, references, e.scorer)
+    metrics[f"eval/{e.scorer}"] = sum(correct) / len(correct)
+    metrics["eval/scored"] = len(correct)
+    return [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r, "prediction": pred,
+         "answer": extract_answer(pred, e.scorer), "expected": extract_answer(r, e.scorer), "correct": c}
+        for (p, _), r, pred, c in zip(pairs, references, predictions, correct, strict=True)
+    ]

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from ftune.errors import FtuneError
 
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
-                 "loss.png", "README.md", "checkpoints", "eval.json", "error.txt")
+                 "loss.png", "README.md", "checkpoints", "eval.json", "error.txt", "confusion.png",
+                 "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png")
 
 
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
