@@ -13,6 +13,7 @@ from ftune.config import check_target, config_dir, validate_group
 from ftune.data import task_of
 from ftune.errors import FtuneError
 from ftune.methods import METHODS, build_method
+
 from conftest import compose_train
 
 CONFIGS = config_dir()
@@ -34,7 +35,7 @@ def test_model_configs_validate(name):
 def test_dataset_configs_validate(name):
     cfg = compose_train([f"dataset={name}"], Path("/tmp/unused"))
     if OmegaConf.is_missing(cfg.dataset, "path"):  # the generic format configs need a path from the user
-        with pytest.raises(FtuneError, match=f"dataset.path"):
+        with pytest.raises(FtuneError, match="dataset.path"):
             validate_group(cfg, "dataset")
         cfg = compose_train([f"dataset={name}", "dataset.path=my.jsonl"], Path("/tmp/unused"))
     data = validate_group(cfg, "dataset")

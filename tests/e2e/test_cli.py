@@ -37,9 +37,9 @@ def test_train_writes_the_run_directory(tmp_path):
     assert "lora" in (out / "README.md").read_text()
 
     # The adapter is plain peft: it loads onto the base model without ftune's help.
+    from omegaconf import OmegaConf
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(out / "config.yaml")
     torch.manual_seed(cfg.model.init_seed)

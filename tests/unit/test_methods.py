@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_train
 from ftune.errors import MethodNotApplicable
 from ftune.evaluate import model_inputs, task_loss
 from ftune.methods.base import trainable_parameters
 from ftune.models import build_model
 from ftune.train import setup
+
+from conftest import compose_train
 
 DATASET = {"tiny_llama": "demo_instructions", "tiny_qwen": "demo_instructions", "tiny_gpt2": "demo_instructions",
            "tiny_bert": "sentiment", "minilm": "sentiment"}
