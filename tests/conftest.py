@@ -15,7 +15,8 @@ from omegaconf import DictConfig, open_dict
 import ftune.config  # noqa: F401  (registers the pkg_path resolver)
 from ftune.config import config_dir
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny models gain nothing from more, and tests stay fast beside other work.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 FTUNE = Path(sys.executable).parent / "ftune"

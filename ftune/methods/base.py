@@ -49,6 +49,7 @@ class MethodContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compute_dtype: torch.dtype = torch.float32
     activation_checkpointing: bool = False
+    tokenizer_path: str | None = None  # the run's tokenizer (hub id or folder); prompt_tuning's init=text reads it
 
 
 class Method:
