@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(JOBS[command])
     # recipes/ sits beside configs/ (checkout) or inside the package (wheel): make it the
     # `recipes` config group, so `ftune train recipes=<name>` picks a recipe.
-    searchpath = [] if any(a.startswith("hydra.searchpath") for a in rest) else [
-        f"hydra.searchpath=[file://{recipes_dir().parent}]"]
+    searchpath = [] if any(a.startswith(("hydra.searchpath", "--config-dir", "-cd")) for a in rest) else [
+        f"--config-dir={recipes_dir().parent}"]
     sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quote_free_text(command, rest))
     try:
         app()
