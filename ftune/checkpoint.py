@@ -3,17 +3,24 @@
     <output_dir>/checkpoints/step-000050/
       trainable.safetensors   every parameter that requires grad, by name
       optimizer.pt scheduler.pt scaler.pt rng.pt method.pt   (torch.load(weights_only=True))
-      state.json              step, epoch, position in the epoch's batches, tokens seen, identity
+      state.json              step, epoch, position in the epoch's batches, tokens seen, the loss of the
+                              logging window not yet logged, skipped NaN batches, identity, file sizes
 
-A checkpoint is written to ``.tmp-step-N`` and renamed when complete; rename is atomic, so any
-``step-N`` directory is whole. Only the last ``keep`` are kept.
+A checkpoint is written to ``.tmp-step-N``, flushed to disk and renamed when complete; rename is
+atomic, so any ``step-N`` directory is whole. Only the last ``keep`` are kept. Resuming reads and
+checks every file of a checkpoint before anything of it is applied, so a damaged one changes nothing:
+``resume=auto`` then falls back to the one before it (and says so).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftune.errors import FtuneError
+from ftune.errors import FtuneError, TrainingFailed
+
+FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "method.pt")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -32,6 +42,17 @@ class LoopState:
     position: int = 0  # batches of this epoch already consumed
     tokens: int = 0  # real (non-pad) tokens trained on
     train_seconds: float = 0.0
+    loss_sum: float = 0.0  # summed step losses of the logging window not yet logged
+    loss_count: int = 0  # steps in that window
+    skipped_nan: int = 0  # batches skipped because their loss was NaN/inf (trainer.skip_nan_batches)
+
+
+class CheckpointDamaged(FtuneError):
+    """A checkpoint whose files cannot be read (truncated, corrupt, missing)."""
+
+
+class CheckpointMismatch(FtuneError):
+    """A readable checkpoint of another run: different model, method, task or trainable tensors."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -54,71 +75,199 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory entry) to disk, so a crash after the rename finds it whole."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (``step-N`` directories), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def trainable_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, scaler, method,
                     identity: dict[str, Any], keep: int) -> Path:
+    """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights."""
+    tensors = trainable_tensors(model)
+    broken = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise TrainingFailed(
+            f"The trained weights became NaN/inf at step {loop.step} (for example {broken[0]}), so this state was "
+            f"not saved; the last good checkpoint, if any, is kept in {root}. Lower optimizer.lr, keep "
+            f"trainer.max_grad_norm set, or use trainer.precision=fp32/bf16 instead of fp16."
+        )
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop.step:06d}"
     tmp = root / f".tmp-step-{loop.step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".tmp-step-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(scaler.state_dict() if scaler is not None else {}, tmp / "scaler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
-    (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "identity": identity}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+    sizes = {name: (tmp / name).stat().st_size for name in FILES}
+    (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "identity": identity, "sizes": sizes}, indent=1))
+    for name in (*FILES, "state.json"):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
+        old = root / f".old-step-{loop.step:06d}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint that ``resume`` names: 'auto' = latest in output_dir (None if there is none)."""
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory and checked, ready to be applied."""
+
+    path: Path
+    loop: LoopState
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    method: dict
+    rng: dict
+    identity: dict
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read every file of the checkpoint at ``path``; CheckpointDamaged if any is missing or corrupt."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        for name, size in state.get("sizes", {}).items():
+            actual = (path / name).stat().st_size
+            if actual != size:
+                raise ValueError(f"{name} has {actual} bytes, {size} were written")
+        fields = {f.name for f in dataclasses.fields(LoopState)}
+        loop = LoopState(**{k: v for k, v in state["loop"].items() if k in fields})
+        files = {name: torch.load(path / name, weights_only=True) for name in FILES if name.endswith(".pt")}
+        ckpt = Checkpoint(path, loop, load_file(str(path / "trainable.safetensors")), files["optimizer.pt"],
+                          files["scheduler.pt"], files["scaler.pt"], files["method.pt"], files["rng.pt"],
+                          dict(state["identity"]))
+        return ckpt
+    except Exception as e:  # a damaged file of any kind
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        raise CheckpointDamaged(
+            f"Checkpoint '{path}' is damaged or incomplete ({reason}); it was not used."
+        ) from None
+
+
+def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any]) -> None:
+    """CheckpointMismatch if ``ckpt`` was written by a run of another model, method or task."""
+    saved = ckpt.identity
+    labels = {"model": "model", "method": "method", "task": "task", "trainable": "trainable parameters"}
+    mismatched = [f"{labels.get(k, k)}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
+                  for k, v in identity.items() if saved.get(k) != v]
+    if not mismatched:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(ckpt.tensors))
+        unknown = sorted(set(ckpt.tensors) - set(params))
+        if missing or unknown:
+            mismatched.append(f"trainable tensors differ (e.g. {(missing or unknown)[0]})")
+        else:
+            shapes = [n for n, t in ckpt.tensors.items() if tuple(t.shape) != tuple(params[n].shape)]
+            if shapes:
+                mismatched.append(f"tensor {shapes[0]} has shape {tuple(ckpt.tensors[shapes[0]].shape)} in the "
+                                  f"checkpoint, {tuple(params[shapes[0]].shape)} in this run")
+    if not mismatched:
+        groups = [len(g["params"]) for g in optimizer.state_dict()["param_groups"]]
+        saved_groups = [len(g["params"]) for g in ckpt.optimizer.get("param_groups", [])]
+        if groups != saved_groups:
+            mismatched.append(f"optimizer parameter groups: checkpoint has {saved_groups}, this run has {groups}")
+    if mismatched:
+        raise CheckpointMismatch(
+            f"Checkpoint '{ckpt.path}' belongs to a different run ({'; '.join(mismatched)}), so it was not used. "
+            f"Resume with the same model, method and method settings as the run that wrote it, or start a new "
+            f"output_dir (or pass overwrite=true without resume to start over)."
+        )
+
+
+def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method) -> LoopState:
+    """Put the weights, optimizer, scheduler, scaler, method and RNG states of ``ckpt`` in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ckpt.tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    if scaler is not None and ckpt.scaler:
+        scaler.load_state_dict(ckpt.scaler)
+    method.load_state_dict(ckpt.method)
+    _set_rng_state(ckpt.rng)
+    return ckpt.loop
+
+
+def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scaler, method, identity: dict[str, Any],
+           say: Callable[[str], None] = print) -> tuple[Path | None, LoopState]:
+    """Load the checkpoint that ``resume`` names into the run; (None, fresh state) if there is none.
+
+    ``resume=auto`` takes the newest checkpoint in ``output_dir/checkpoints`` that reads whole,
+    saying which damaged ones it skipped; ``resume=<path>`` takes exactly that checkpoint. A
+    checkpoint of another model or method is never used.
+    """
+    root = Path(output_dir) / "checkpoints"
     if resume == "auto":
-        found = sorted((Path(output_dir) / "checkpoints").glob("step-*"))
-        return found[-1] if found else None
-    path = Path(resume)
+        candidates = list(reversed(checkpoint_dirs(root)))
+        if not candidates:
+            say(f"resume=auto: no checkpoint in {root}; starting from step 0.")
+            return None, LoopState()
+        damaged: list[str] = []
+        for path in candidates:
+            try:
+                ckpt = read_checkpoint(path)
+            except CheckpointDamaged as e:
+                damaged.append(path.name)
+                later = candidates[candidates.index(path) + 1:]
+                say(f"warning: {e} " + (f"Falling back to {later[0].name}." if later else ""))
+                continue
+            check_compatible(ckpt, model, optimizer, identity)
+            return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method)
+        raise CheckpointDamaged(
+            f"Every checkpoint in {root} is damaged ({', '.join(damaged)}), so training cannot resume. Delete "
+            f"{root} and start again with overwrite=true, or pass resume=<path> to a good checkpoint."
+        )
+    path = Path(resume).expanduser()
     if not (path / "state.json").exists():
         raise FtuneError(
             f"resume={resume} is not an ftune checkpoint directory (no state.json). Use resume=auto, or a "
-            f"path such as {output_dir}/checkpoints/step-000100."
+            f"path such as {root}/step-000100."
         )
-    return path
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, method, identity: dict[str, Any]) -> LoopState:
-    """Restore everything saved in ``path``; refuse a checkpoint of another model or method."""
     try:
-        state = json.loads((path / "state.json").read_text())
-        saved = state["identity"]
-        mismatched = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
-        if mismatched:
-            what = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in mismatched.items())
-            raise FtuneError(
-                f"Checkpoint '{path}' belongs to a different run ({what}), so it was not used. Resume with the "
-                f"same model and method, or start a new output_dir."
-            )
-        tensors = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        for name, value in tensors.items():
-            params[name].data.copy_(value)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        if scaler is not None:
-            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-        method.load_state_dict(torch.load(path / "method.pt", weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-        return LoopState(**state["loop"])
-    except FtuneError:
-        raise
-    except Exception as e:  # a damaged file of any kind
-        raise FtuneError(
-            f"Checkpoint '{path}' is damaged or incomplete ({type(e).__name__}: {e}); it was not used. "
-            f"Delete it to resume from the one before, or start a new output_dir."
+        ckpt = read_checkpoint(path)
+    except CheckpointDamaged as e:
+        raise CheckpointDamaged(
+            f"{e} Pass resume=<path> to an earlier checkpoint (they are in {path.parent}), or resume=auto to "
+            f"take the newest good one."
         ) from None
+    check_compatible(ckpt, model, optimizer, identity)
+    return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method)

@@ -44,7 +44,10 @@ def _check_local_model_dir(path: str) -> None:
             if pickled
             else ""
         )
-        raise FtuneError(f"Model directory '{path}' has no *.safetensors weights.{extra}")
+        raise FtuneError(
+            f"Model directory '{path}' has no *.safetensors weights.{extra} Point `model.path=` at the folder "
+            f"that `save_pretrained` wrote (config.json and model*.safetensors), or at a hub id."
+        )
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ftune.checkpoint import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
+from ftune.checkpoint import LoopState, resume_from, save_checkpoint
 from ftune.config import (
     DatasetConfig,
     ModelConfig,
@@ -143,6 +143,7 @@ def setup(cfg: DictConfig) -> Run:
         task=task, model_type=model.config.model_type, head_names=head_names(model, task),
         device=device, compute_dtype=autocast_dtype or torch.float32,
         activation_checkpointing=trainer.activation_checkpointing,
+        tokenizer_path=model_cfg.tokenizer or model_cfg.path,
     )
     batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // trainer.grad_accum)
@@ -171,14 +172,13 @@ def train_loop(run: Run) -> dict[str, Any]:
     """Optimizer steps until ``total_steps``; returns the final metrics."""
     t, cfg, model = run.trainer, run.cfg, run.model
     lengths = [len(e["input_ids"]) for e in run.data.train]
-    loop = LoopState()
-    resume = cfg.get("resume")
-    ckpt = find_checkpoint(run.out, str(resume)) if resume else None
+    ckpt, loop = None, LoopState()
+    if cfg.get("resume"):  # checkpoint.resume_from explains what it used, skipped or refused
+        ckpt, loop = resume_from(run.out, str(cfg.resume), model, run.optimizer, run.scheduler, run.scaler,
+                                 run.method, identity(run), say=lambda m: console.print(m, markup=False, soft_wrap=True))
     if ckpt is not None:
-        loop = load_checkpoint(ckpt, model, run.optimizer, run.scheduler, run.scaler, run.method, identity(run))
-        console.print(f"[bold]Resuming[/] from {ckpt} (step {loop.step} of {run.total_steps}).")
-    elif resume and resume != "auto":
-        raise FtuneError(f"No checkpoint found at resume={resume}.")
+        console.print(f"Resuming from {ckpt} (step {loop.step} of {run.total_steps}).", markup=False, soft_wrap=True)
+    save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
     log = MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None)
     batches = epoch_batches(lengths, t.batch_size, cfg.seed, loop.epoch, t.group_by_length)
 
@@ -194,8 +194,8 @@ def train_loop(run: Run) -> dict[str, Any]:
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
     eval_bs = t.eval_batch_size or t.batch_size * 2
-    window_tokens, window_start, loss_acc, loss_n = 0, time.perf_counter(), 0.0, 0
-    bad_batches = 0
+    window_tokens, window_start = 0, time.perf_counter()
+    nan_in_a_row, saved_at = 0, None
     progress = TrainProgress(run.total_steps, enabled=t.progress)
     progress.start(loop.step)
     try:
@@ -218,21 +218,30 @@ def train_loop(run: Run) -> dict[str, Any]:
                 loop.tokens += int(batch["attention_mask"].sum())
                 window_tokens += int(batch["attention_mask"].sum())
             value = float(step_loss)
-            if not math.isfinite(value):
+            bad = None if math.isfinite(value) else f"The loss became {value}"
+            if bad is None:
+                if run.scaler:
+                    run.scaler.unscale_(run.optimizer)
+                if t.max_grad_norm:
+                    norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], t.max_grad_norm))
+                    if run.scaler is None and not math.isfinite(norm):  # (fp16's scaler skips such steps itself)
+                        bad = f"The gradient norm became {norm}"
+            if bad is not None:
                 run.optimizer.zero_grad(set_to_none=True)
-                if t.skip_nan_batches:
-                    bad_batches += 1
+                if t.skip_nan_batches and nan_in_a_row < MAX_NAN_IN_A_ROW:
+                    loop.skipped_nan, nan_in_a_row = loop.skipped_nan + 1, nan_in_a_row + 1
                     continue
                 raise TrainingFailed(
-                    f"The loss became {value} at step {loop.step + 1}; training stopped and no weights were "
-                    f"updated by that step (the last checkpoint, if any, is kept in {run.out}/checkpoints). "
-                    f"Lower optimizer.lr, use trainer.precision=fp32 or bf16 instead of fp16, or set "
-                    f"trainer.skip_nan_batches=true to skip such batches."
+                    f"{bad} at step {loop.step + 1}; training stopped and no weights were updated by that step "
+                    f"(the last checkpoint, if any, is kept in {run.out}/checkpoints). "
+                    + (f"The last {nan_in_a_row} batches were all skipped for the same reason, so the weights "
+                       f"themselves have diverged: lower optimizer.lr and start again."
+                       if t.skip_nan_batches else
+                       "Lower optimizer.lr, use trainer.precision=fp32 or bf16 instead of fp16, or set "
+                       "trainer.skip_nan_batches=true to skip such batches.")
                 )
-            if run.scaler:
-                run.scaler.unscale_(run.optimizer)
-            if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            nan_in_a_row = 0
             run.method.after_backward(model, loop.step)
             if run.scaler:
                 run.scaler.step(run.optimizer)
@@ -244,28 +253,30 @@ def train_loop(run: Run) -> dict[str, Any]:
             run.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
             loop.train_seconds += time.perf_counter() - step_start
-            loss_acc, loss_n = loss_acc + value, loss_n + 1
+            loop.loss_sum, loop.loss_count = loop.loss_sum + value, loop.loss_count + 1
 
             if loop.step % t.log_every == 0 or loop.step == run.total_steps:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": loop.step, "epoch": round(loop.epoch + loop.position / max(len(batches), 1), 3),
-                       "loss": loss_acc / loss_n, "lr": run.scheduler.get_last_lr()[0],
+                       "loss": loop.loss_sum / loop.loss_count, "lr": run.scheduler.get_last_lr()[0],
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 log.log(row)
                 progress.update(loop.step, row)
-                window_tokens, window_start, loss_acc, loss_n = 0, time.perf_counter(), 0.0, 0
+                window_tokens, window_start, loop.loss_sum, loop.loss_count = 0, time.perf_counter(), 0.0, 0
             else:
                 progress.update(loop.step, None)
             if t.eval_every and loop.step % t.eval_every == 0 and run.data.eval and loop.step < run.total_steps:
                 metrics = evaluate(run)
                 log.log({"step": loop.step, **metrics})
                 progress.print_eval(loop.step, metrics)
-            if t.save_every and loop.step % t.save_every == 0 and loop.step < run.total_steps:
-                save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
-                                run.method, identity(run), t.keep_checkpoints)
+            if t.save_every and (loop.step % t.save_every == 0 or loop.step == run.total_steps):
+                # the last one too, before the final eval: a finished run can be extended with more steps
+                saved_at = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler,
+                                           run.scaler, run.method, identity(run), t.keep_checkpoints)
             if stop_signal:
-                path = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler,
-                                       run.scaler, run.method, identity(run), t.keep_checkpoints)
+                path = saved_at if saved_at is not None and saved_at.name == f"step-{loop.step:06d}" else \
+                    save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler,
+                                    run.scaler, run.method, identity(run), t.keep_checkpoints)
                 raise TrainingFailed(
                     f"Interrupted by signal {stop_signal[0]} at step {loop.step}; a checkpoint was saved to {path}. "
                     f"Continue with the same command plus resume=auto."
@@ -289,12 +300,12 @@ def train_loop(run: Run) -> dict[str, Any]:
         "tokens_per_s": loop.tokens / max(loop.train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(run.device),
     })
-    if bad_batches:
-        metrics["skipped_nan_batches"] = bad_batches
-    if t.save_every:  # a final checkpoint, so a finished run can be extended with more steps
-        save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
-                        run.method, identity(run), t.keep_checkpoints)
+    if loop.skipped_nan:
+        metrics["skipped_nan_batches"] = loop.skipped_nan
     return metrics
+
+
+MAX_NAN_IN_A_ROW = 25  # with skip_nan_batches: this many bad steps in a row means the weights diverged
 
 
 def task_loss_targets(labels: torch.Tensor, task: str) -> int:
@@ -331,7 +342,6 @@ def finish(run: Run, metrics: dict[str, Any]) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the final metrics."""
     run = setup(cfg)
-    save_config(run.cfg, run.out)
     from ftune.progress import print_header
 
     print_header(run, trainable_parameters(run.model))

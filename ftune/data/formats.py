@@ -53,10 +53,11 @@ def _require_columns(rows: list[dict], columns: list[str], what: str, source: st
     found = list(rows[0].keys())
     missing = [c for c in columns if c not in found]
     if missing:
+        spare = [c for c in found if c not in columns] or found  # suggest columns not already in use
+        hint = " ".join(f"dataset.{_column_key(m)}={c}" for m, c in zip(missing, spare, strict=False))
         raise FtuneError(
             f"The {what} data in '{source}' has no column {', '.join(repr(c) for c in missing)}; the columns found "
-            f"are {found}. Map yours with dataset.<x>_column=<name>, e.g. "
-            f"`dataset.{_column_key(missing[0])}={found[0]}`."
+            f"are {found}. Map yours with dataset.<x>_column=<name>, e.g. `{hint}`."
         )
 
 

@@ -82,7 +82,9 @@ def read_local(path_str: str) -> list[dict]:
             f"Data file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8."
         ) from None
     except (OSError, ValueError) as e:
-        raise FtuneError(f"Could not read data file '{path}': {e}. Check that the file is not corrupt.") from None
+        raise FtuneError(
+            f"Could not read data file '{path}': {str(e).rstrip('.')}. Check that the file is not corrupt."
+        ) from None
     raise FtuneError(
         f"Data file '{path}' has an unsupported extension '{suffix}'; use one of "
         f"{', '.join(sorted(LOCAL_SUFFIXES))}."
