@@ -80,8 +80,11 @@ def _train_job(cfg) -> float | None:
         sys.exit(e.exit_code)
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
     key = "eval/accuracy" if "eval/accuracy" in metrics else "eval/loss"
-    console.print(f"[bold green]done[/] {key} = {metrics.get(key, float('nan')):.4f}   run: {cfg.output_dir}")
-    return metrics.get(key)
+    if key not in metrics:  # no eval split: say so rather than print nan
+        console.print(f"[bold green]done[/] (no eval split; set dataset.eval_fraction to get one)   run: {cfg.output_dir}")
+        return None
+    console.print(f"[bold green]done[/] {key} = {metrics[key]:.4f}   run: {cfg.output_dir}")
+    return metrics[key]
 
 
 def _job(run: Callable[[Any], Any]) -> Callable:

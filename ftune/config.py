@@ -220,7 +220,7 @@ def check_target(node: DictConfig, group: str) -> None:
 
 
 # --- Hydra's composition errors, in ftune's words ---------------------------------------------------
-GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer")
+GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "recipes")
 GROUP_HINTS = {
     "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
     "dataset": " Your own data: `dataset=instruction dataset.path=<file>` (or classification, chat, text).",

@@ -193,10 +193,10 @@ def train_loop(run: Run) -> dict[str, Any]:
 
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
-    eval_bs = t.eval_batch_size or t.batch_size * 2
     window_tokens, window_start = 0, time.perf_counter()
     nan_in_a_row, saved_at = 0, None
     progress = TrainProgress(run.total_steps, enabled=t.progress)
+    memory = MemoryMeter(run.device)
     progress.start(loop.step)
     try:
         while loop.step < run.total_steps:
@@ -213,6 +213,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                     extra = run.method.extra_loss(model, batch, outputs, loop.step)
                     if extra is not None:
                         loss = loss + extra / t.grad_accum
+                memory.sample()  # activations are alive here: the high-water mark of a step
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
                 loop.tokens += int(batch["attention_mask"].sum())
@@ -298,7 +299,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         "train_steps": loop.step,
         "train_runtime_s": loop.train_seconds,
         "tokens_per_s": loop.tokens / max(loop.train_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(run.device),
+        "peak_memory_mb": memory.peak_mb(),
     })
     if loop.skipped_nan:
         metrics["skipped_nan_batches"] = loop.skipped_nan
@@ -320,10 +321,32 @@ def evaluate(run: Run) -> dict[str, float]:
                              run.trainer.eval_batch_size or run.trainer.batch_size * 2, run.autocast_dtype)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+class MemoryMeter:
+    """Peak memory of this run: CUDA's allocator peak, or on CPU the resident set size sampled
+    while activations are alive (the process-wide ru_maxrss would carry over between the jobs of
+    a multirun sweep, which share one process)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.peak = max(self.peak, current_rss_mb())
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self.peak or current_rss_mb()
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
 
 
 def finish(run: Run, metrics: dict[str, Any]) -> None:

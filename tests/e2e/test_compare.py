@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -18,6 +17,8 @@ from ftune import cli
 from ftune.compare import compare, differing_keys, load_row
 from ftune.config import config_dir
 from ftune.errors import FtuneError
+
+from conftest import run_cli
 
 TINY = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.max_length=32", "trainer.log_every=1",
         "trainer.progress=false", "dataset.max_samples=16", "dataset.max_eval_samples=8"]

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -34,6 +33,8 @@ from ftune.methods.selective import Full
 from ftune.models import build_model
 from ftune.runs import load_run
 from ftune.train import train
+
+from conftest import compose_train, run_cli
 
 
 def _method(name: str):

@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train
 
 from ftune.config import validate_group
 from ftune.data import build_data
@@ -25,6 +24,8 @@ from ftune.evaluate import (
 )
 from ftune.generate import generate_ids, stop_text
 from ftune.models import build_model, load_tokenizer
+
+from conftest import compose_train
 
 CPU = torch.device("cpu")
 
