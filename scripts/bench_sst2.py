@@ -40,14 +40,14 @@ def anchor(bench: Path, data: Path, method: str, n: int, epochs: float) -> dict:
             "rss_mb": float(fields["peak_rss_mb"]), "trainable": int(fields["trainable"])}
 
 
-def ftune(data: Path, method: str, n: int, epochs: float, out: Path) -> dict:
+def ftune(data: Path, method: str, n: int, epochs: float, out: Path, extra: list[str]) -> dict:
     ftune_bin = Path(sys.executable).parent / "ftune"
     run([str(ftune_bin), "train", "model=minilm", f"method={method}", "dataset=classification",
          f"dataset.path={data / 'train.csv'}", f"dataset.eval_path={data / 'dev.csv'}", f"dataset.max_samples={n}",
          f"trainer.epochs={epochs}", "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.max_length=128",
          "trainer.max_grad_norm=1.0", "scheduler=linear", "scheduler.warmup_ratio=0.0", f"optimizer.lr={LR[method]}",
          "trainer.progress=false", "seed=0", f"output_dir={out}"]
-        + (["method.dropout=0.0", "method.target_modules=[query,value]"] if method == "lora" else []))
+        + (["method.dropout=0.0", "method.target_modules=[query,value]"] if method == "lora" else []) + extra)
     m = json.loads((out / "metrics.json").read_text())
     return {"acc": m["eval/accuracy"], "train_s": m["train_runtime_s"], "tok_s": m["tokens_per_s"],
             "rss_mb": m["peak_memory_mb"], "trainable": m["trainable_params"]}
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--skip", nargs="*", default=[], choices=["anchor", "bare", "ftune"])
+    ap.add_argument("--ftune-extra", nargs="*", default=[], help="more overrides for the ftune run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ftune-bench-"))
     run([sys.executable, str(args.bench / "make_csv.py"), "sst2", str(args.data), str(work / "csv"), str(args.n_train)])
@@ -119,7 +120,8 @@ def main() -> None:
     if "bare" not in args.skip:
         results["bare PyTorch loop"] = bare_loop(work / "csv", args.method, args.n_train, args.epochs)
     if "ftune" not in args.skip:
-        results["ftune"] = ftune(work / "csv", args.method, args.n_train, args.epochs, work / "ftune_run")
+        results["ftune"] = ftune(work / "csv", args.method, args.n_train, args.epochs, work / "ftune_run",
+                                 args.ftune_extra)
     print(f"\nSST-2 dev, MiniLM-L6, method={args.method}, {args.n_train} train sentences, {args.epochs:g} epoch(s), "
           f"batch 32, lr {LR[args.method]}")
     print("| runner | trainable | dev acc | train s | tokens/s | peak RSS MB |\n|---|---:|---:|---:|---:|---:|")
