@@ -8,6 +8,7 @@ this loop.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import resource
@@ -38,7 +39,7 @@ from ftune.evaluate import evaluate_examples, model_inputs, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
-from ftune.progress import TrainProgress, console
+from ftune.progress import TrainProgress, console, print_header
 
 
 @dataclass
@@ -351,22 +352,19 @@ def current_rss_mb() -> float:
 
 def finish(run: Run, metrics: dict[str, Any]) -> None:
     """Write the trained weights, tokenizer, metrics, plot and model card to the run directory."""
-    import json
-
     run.method.save(run.model, run.out / "adapter")
     run.tokenizer.save_pretrained(str(run.out / "tokenizer"))
     if run.data.label_names:
         (run.out / "labels.json").write_text(json.dumps(run.data.label_names))
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_loss(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png", f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
+    plot_loss(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png",
+              f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
     write_card(run.out, run.cfg, metrics)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the final metrics."""
     run = setup(cfg)
-    from ftune.progress import print_header
-
     print_header(run, trainable_parameters(run.model))
     metrics = train_loop(run)
     finish(run, metrics)
