@@ -109,9 +109,13 @@ def logits_of(model, batch):
 
 @pytest.mark.parametrize("method,model,lr", CASES, ids=[f"{m}-{a}" for m, a, _ in CASES])
 def test_method_trains_counts_and_reloads(method, model, lr, tmp_path):
-    cfg = compose_train([f"method={method}", f"model={model}", f"dataset={DATASET[model]}",
-                         f"optimizer.lr={lr}", "scheduler=constant", "method.dropout=0.0"
-                         if method in ("lora", "qlora") else "seed=0"], tmp_path / "run")
+    overrides = [f"method={method}", f"model={model}", f"dataset={DATASET[model]}", f"optimizer.lr={lr}",
+                 "scheduler=constant", "method.dropout=0.0" if method in ("lora", "qlora") else "seed=0"]
+    if model.startswith("tiny_") and DATASET[model] != "sentiment":
+        # Same shapes (and counts), livelier random weights: at the default init (0.02) the frozen
+        # output head caps every logit near zero and adapter-only methods barely move the loss.
+        overrides.append("+model.config.initializer_range=0.1")
+    cfg = compose_train(overrides, tmp_path / "run")
     run = setup(cfg)
     assert trainable_parameters(run.model)[0] == expected(method, model, cfg)
 
@@ -124,9 +128,9 @@ def test_method_trains_counts_and_reloads(method, model, lr, tmp_path):
         run.optimizer.step()
         run.optimizer.zero_grad()
         losses.append(float(loss_sum.detach() / n))
-    # From-scratch tiny causal LMs move slowly when only adapters train (their output head is
-    # random and frozen); pretrained MiniLM and the classifiers fit the batch outright.
-    assert losses[-1] < losses[0] * (0.7 if run.data.task == "seq_cls" else 0.95), losses
+    # Adapter-only methods on from-scratch tiny causal LMs cannot touch the frozen random output
+    # head, so they fall less far (0.58-0.67 of the start here) than full/freeze or the classifiers.
+    assert losses[-1] < losses[0] * (0.7 if run.data.task == "seq_cls" else 0.8), losses
 
     trained = logits_of(run.model, batch)
     run.method.save(run.model, tmp_path / "adapter")
