@@ -278,15 +278,19 @@ class MamSettings(MethodSettings):
     non_linearity: str = "relu"
 
 
-@register_method("mam")
-class Mam(InjectedMethod):
-    """Mix-and-Match adapter: prefix tuning on attention + a scaled parallel adapter on the FFN."""
-
-    settings_cls = MamSettings
+class PrefixMixture(InjectedMethod):
+    """A mixture whose prefixes (prefix_length > 0) need an attention implementation that supports them."""
 
     def validate(self, model, ctx):
         if self.settings.prefix_length:
             check_prefix_support(model)
+
+
+@register_method("mam")
+class Mam(PrefixMixture):
+    """Mix-and-Match adapter: prefix tuning on attention + a scaled parallel adapter on the FFN."""
+
+    settings_cls = MamSettings
 
     def inject_block(self, block, spec, config):
         s = self.settings
@@ -312,14 +316,10 @@ class UniPeltSettings(MethodSettings):
 
 
 @register_method("unipelt")
-class UniPelt(InjectedMethod):
+class UniPelt(PrefixMixture):
     """UniPELT: gated LoRA (query, value) + gated prefix tuning + a gated adapter after the FFN."""
 
     settings_cls = UniPeltSettings
-
-    def validate(self, model, ctx):
-        if self.settings.prefix_length:
-            check_prefix_support(model)
 
     def inject_block(self, block, spec, config):
         s = self.settings
