@@ -212,8 +212,23 @@ def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any
         )
 
 
-def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method) -> LoopState:
-    """Put the weights, optimizer, scheduler, scaler, method and RNG states of ``ckpt`` in place."""
+def _base_lrs(groups: list[dict]) -> list[float]:
+    return [float(g.get("initial_lr", g.get("lr", 0.0))) for g in groups]
+
+
+def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method,
+                     say: Callable[[str], None] = print) -> LoopState:
+    """Put the weights, optimizer, scheduler, scaler, method and RNG states of ``ckpt`` in place.
+
+    The learning rates come back with the optimizer and scheduler states: a run resumed with another
+    optimizer.lr keeps the checkpoint's schedule, and ``say`` warns about it.
+    """
+    asked, saved = _base_lrs(optimizer.param_groups), _base_lrs(ckpt.optimizer.get("param_groups", []))
+    if len(asked) == len(saved) and any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1.0) for a, b in zip(asked, saved)):
+        fmt = lambda lrs: ", ".join(f"{x:g}" for x in dict.fromkeys(lrs))  # noqa: E731
+        say(f"warning: this run asks for learning rate {fmt(asked)}, but checkpoint '{ckpt.path}' was trained with "
+            f"{fmt(saved)}; resuming continues the checkpoint's schedule at {fmt(saved)}. To train with the new "
+            f"rate, start a new output_dir instead of resuming.")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in ckpt.tensors.items():
@@ -251,7 +266,7 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
                 say(f"warning: {e} " + (f"Falling back to {later[0].name}." if later else ""))
                 continue
             check_compatible(ckpt, model, optimizer, identity)
-            return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method)
+            return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method, say)
         raise CheckpointDamaged(
             f"Every checkpoint in {root} is damaged ({', '.join(damaged)}), so training cannot resume. Delete "
             f"{root} and start again with overwrite=true, or pass resume=<path> to a good checkpoint."
@@ -270,4 +285,4 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
             f"take the newest good one."
         ) from None
     check_compatible(ckpt, model, optimizer, identity)
-    return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method)
+    return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method, say)

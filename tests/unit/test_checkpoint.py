@@ -189,3 +189,19 @@ def test_a_pickle_that_runs_code_is_not_executed(tmp_path):
     with pytest.raises(CheckpointDamaged, match="damaged"):
         read_checkpoint(path)
     assert not os.path.exists(MARKER)
+
+
+def test_resuming_with_another_learning_rate_warns_and_keeps_the_checkpoints(tmp_path):
+    model, opt, sched, method = make()
+    step(model, opt, sched, method)
+    save(tmp_path / "checkpoints", 1, model, opt, sched, method)
+    model2, _, _, method2 = make()
+    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=0.5)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1 / (s + 1))
+    said = []
+    resume_from(tmp_path, "auto", model2, opt2, sched2, None, method2, IDENTITY, say=said.append)
+    assert len(said) == 1 and "learning rate 0.5" in said[0] and "trained with 0.1" in said[0]
+    assert opt2.param_groups[0]["initial_lr"] == 0.1 and opt2.param_groups[0]["lr"] == pytest.approx(0.1 / 2)
+    said.clear()  # the same rate: nothing to say
+    resume_from(tmp_path, "auto", *make()[:3], None, Stateful(), IDENTITY, say=said.append)
+    assert said == []
