@@ -325,7 +325,6 @@ class InjectedMethod(Method):
 # --- Houlsby and Pfeiffer ------------------------------------------------------------------------
 @dataclass
 class BottleneckSettings(MethodSettings):
-    lr: float = 3e-4
     reduction_factor: int = 16  # bottleneck = hidden_size // reduction_factor ...
     bottleneck_size: int | None = None  # ... unless set explicitly
     non_linearity: str = "relu"  # relu | gelu | swish | silu | tanh

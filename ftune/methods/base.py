@@ -32,7 +32,12 @@ from ftune.errors import FtuneError, MethodNotApplicable
 
 @dataclass
 class MethodSettings:
-    """Settings every method YAML carries; subclasses add their own fields."""
+    """Settings every method YAML carries; subclasses add their own fields.
+
+    The defaults that count are the method's YAML (``configs/method/<name>.yaml``): ``build_method``
+    starts from it, so the CLI and the Python API agree; the values here only give types and a
+    fallback for a method registered without a YAML.
+    """
 
     name: str = "???"
     lr: float = 1e-4  # the learning rate this method works well with; optimizer.lr defaults to it
@@ -131,8 +136,21 @@ def register_method(*names: str):
     return wrap
 
 
+def method_yaml_defaults(name: str) -> dict[str, Any]:
+    """The settings of ``configs/method/<name>.yaml``, the defaults of ``method=<name>``; {} if none."""
+    from omegaconf import OmegaConf
+
+    from ftune.config import config_dir
+
+    path = config_dir() / "method" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {}
+
+
 def build_method(method_cfg: Any) -> Method:
-    """Validate a method config (an OmegaConf node or dict) and return the Method for it."""
+    """Validate a method config (an OmegaConf node or dict) and return the Method for it.
+
+    Settings the config leaves out take the values of the method's YAML, as ``method=<name>`` would.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -148,7 +166,7 @@ def build_method(method_cfg: Any) -> Method:
     cls = METHODS[name]
     try:
         schema = OmegaConf.structured(cls.settings_cls)
-        merged = OmegaConf.merge(schema, raw)
+        merged = OmegaConf.merge(schema, method_yaml_defaults(name), raw)
         settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         known = ", ".join(f.name for f in dataclasses.fields(cls.settings_cls))

@@ -313,7 +313,6 @@ class LoraPlus(Lora):
 
 @dataclass
 class AdaLoraSettings(MethodSettings):
-    lr: float = 1e-3
     init_r: int = 12  # the rank every target starts with
     target_r: int = 8  # the average rank left per target after pruning (total budget = target_r × targets)
     alpha: int = 32
@@ -486,7 +485,6 @@ IA3_TARGETS: dict[str, tuple[Any, Any]] = {
 
 @dataclass
 class IA3Settings(MethodSettings):
-    lr: float = 3e-3
     # None: keys, values and the FFN output projection of the architecture (see IA3_TARGETS);
     # or a list of module names / a regex, with feedforward_modules the subset scaled at the input.
     target_modules: Any | None = None

@@ -270,7 +270,6 @@ def add_lora(
 # --- the methods -------------------------------------------------------------------------------------
 @dataclass
 class MamSettings(MethodSettings):
-    lr: float = 3e-4
     prefix_length: int = 30  # prefix vectors per layer (l = 30 in the paper); 0 = no prefix
     reduction_factor: int = 2  # parallel-adapter bottleneck = hidden_size // reduction_factor ...
     bottleneck_size: int | None = None  # ... unless set (512 on a 1024-wide model in the paper)
@@ -305,7 +304,6 @@ class Mam(PrefixMixture):
 
 @dataclass
 class UniPeltSettings(MethodSettings):
-    lr: float = 5e-4
     prefix_length: int = 10  # 0 = no prefix
     lora_r: int = 8
     lora_alpha: int = 16

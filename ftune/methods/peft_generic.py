@@ -79,7 +79,6 @@ def peft_default_targets(peft_type: str, model_type: str) -> list[str] | None:
 
 @dataclass
 class PeftSettings(MethodSettings):
-    lr: float = 1e-3
     peft_type: str = "LOHA"  # a key of peft's PEFT_TYPE_TO_CONFIG_MAPPING
     config: dict[str, Any] | None = None  # keyword arguments of that type's config class
     target_modules: Any | None = None  # shortcut for config.target_modules (wins over it)

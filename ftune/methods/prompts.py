@@ -186,7 +186,6 @@ class PromptLearning(PeftMethod):
 
 @dataclass
 class PromptTuningSettings(MethodSettings):
-    lr: float = 3e-2
     num_virtual_tokens: int = 20
     init: str = "vocab"  # vocab: embeddings of sampled vocabulary tokens | text: of init_text | random
     init_text: str | None = None  # for init=text, e.g. "Classify the sentiment of this review:"
@@ -232,7 +231,6 @@ class PromptTuning(PromptLearning):
 
 @dataclass
 class PrefixTuningSettings(MethodSettings):
-    lr: float = 5e-3
     num_virtual_tokens: int = 20  # prefix length
     encoder_hidden_size: int = 512  # the reparameterisation MLP's width (512 in Li & Liang 2021)
 
@@ -255,7 +253,6 @@ class PrefixTuning(PromptLearning):
 
 @dataclass
 class PtuningSettings(MethodSettings):
-    lr: float = 1e-3
     num_virtual_tokens: int = 20
     encoder_type: str = "MLP"  # MLP | LSTM (a bidirectional LSTM, then a 2-layer MLP, as in Liu et al. 2021)
     encoder_hidden_size: int | None = None  # default: the model's hidden size
@@ -288,7 +285,6 @@ class Ptuning(PromptLearning):
 
 @dataclass
 class PtuningV2Settings(MethodSettings):
-    lr: float = 1e-2
     num_virtual_tokens: int = 20  # prompt length at every layer
 
 

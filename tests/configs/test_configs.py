@@ -48,6 +48,9 @@ def test_method_configs_build(name):
     cfg = compose_train([f"method={name}"], Path("/tmp/unused"))
     method = build_method(cfg.method)
     assert method.name in METHODS and method.settings.lr > 0
+    # the Python API with only a name gets exactly what `method=<name>` composes
+    assert build_method({"name": name}).settings == method.settings
+    assert build_method({"name": name, "lr": 0.5}).settings.lr == 0.5
 
 
 def test_every_registered_method_has_a_yaml():
