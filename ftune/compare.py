@@ -245,16 +245,19 @@ def plot(path: Path, rows: list[RunRow], metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5))
     points = [(r.metrics.get("trainable_params"), r.metrics.get(metric), r) for r in rows if not r.failed]
     points = [(x, y, r) for x, y, r in points if isinstance(y, (int, float)) and not math.isnan(y)]
     shown = [(x, y, r) for x, y, r in points if isinstance(x, (int, float)) and x > 0]
     methods = sorted({r.method for _, _, r in shown})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    for m in methods:
+    # one colour and marker pair per method: tab10's colours for up to 10 methods, tab20's beyond,
+    # and a new marker shape every 20, so no two methods of a sweep look alike
+    palette = plt.cm.tab10 if len(methods) <= 10 else plt.cm.tab20
+    size = 10 if len(methods) <= 10 else 20
+    for i, m in enumerate(methods):
         xs = [x for x, _, r in shown if r.method == m]
         ys = [y for _, y, r in shown if r.method == m]
-        ax.scatter(xs, ys, s=48, color=colors[m], label=m, zorder=3)
+        ax.scatter(xs, ys, s=48, color=palette(i % size), marker="os^Dv"[(i // size) % 5], label=m, zorder=3)
     stacked: dict[tuple[float, float], int] = {}
     for x, y, r in shown:  # runs on the same point get their labels stacked, not overprinted
         spot = (round(math.log10(x), 2), round(float(y), 4))
@@ -274,8 +277,8 @@ def plot(path: Path, rows: list[RunRow], metric: str) -> None:
     ax.set_title(f"{metric} vs trainable parameters · {len(points)} runs" + (f" ({failed} failed)" if failed else ""),
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    if methods:
-        ax.legend(fontsize=8)
+    if methods:  # beside the axes, where it covers no point
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -93,7 +93,8 @@ CASES = [
     ("full", "tiny_llama", 3e-3), ("freeze", "tiny_llama", 1e-2), ("lora", "tiny_llama", 5e-2),
     ("qlora", "tiny_llama", 5e-2), ("bitfit", "tiny_qwen", 1e-1), ("lora", "tiny_gpt2", 5e-2),
     ("full", "tiny_bert", 1e-3), ("freeze", "tiny_bert", 1e-2), ("lora", "tiny_bert", 1e-2),
-    ("qlora", "tiny_bert", 1e-2), ("lora", "minilm", 3e-3), ("bitfit", "minilm", 3e-3),
+    ("qlora", "tiny_bert", 1e-2), ("full", "minilm", 1e-4), ("freeze", "minilm", 1e-3), ("lora", "minilm", 3e-3),
+    ("qlora", "minilm", 1e-3), ("bitfit", "minilm", 3e-3),
 ]
 
 

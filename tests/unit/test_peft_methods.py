@@ -1,4 +1,6 @@
-"""The peft method families (ftune.methods.lora / prompts / peft_generic) x architectures.
+"""The method table beyond the core methods: peft's families (ftune.methods.lora / prompts /
+peft_generic) on tiny Llama, tiny BERT and the real MiniLM, and ftune's own adapters (adapters /
+mixtures) on MiniLM (their tiny-model table, with Llama, Qwen, Mistral and GPT-2, is test_adapters.py).
 
 Each case trains a few optimizer steps on one fixed batch (with the loop's method hooks), checks the
 trainable-parameter count against a formula computed here from the architecture's shapes (the model
@@ -80,6 +82,17 @@ def expected_trainable(method: str, s: dict, labels: int) -> int:
         return P * kv_dim + (kv_dim * H_ENC + H_ENC) + (H_ENC * 2 * L * kv_dim + 2 * L * kv_dim) + head
     if method == "ptuning_v2":  # keys and values of P tokens at every layer
         return P * 2 * L * kv_dim + head
+    # ftune's own adapters at their YAML settings (bert only: tests/unit/test_adapters.py covers the rest)
+    adapter = lambda m, gated=False: h * m + m + m * h + h + (h + 1 if gated else 0)  # noqa: E731  down, up, gate
+    if method == "adapter_houlsby":  # after attention and after the FFN (bottleneck h/16), both LayerNorms
+        return L * (2 * adapter(h // 16) + 2 * (2 * h)) + head
+    if method == "adapter_pfeiffer":  # after the FFN, bottleneck h/16
+        return L * adapter(h // 16) + head
+    if method == "mam":  # 30 prefix keys and values per layer + a parallel FFN adapter, bottleneck h/2
+        return L * (2 * 30 * kv_dim + adapter(h // 2)) + head
+    if method == "unipelt":  # gated: 10-token prefix, LoRA r=8 on q and v, adapter h/16
+        gated_lora = lambda o: 8 * h + o * 8 + h + 1  # noqa: E731  A, B, gate
+        return L * (2 * 10 * kv_dim + h + 1 + sum(gated_lora(o) for _, o in qv) + adapter(h // 16, True)) + head
     if method == "peft:LOHA":  # two Hadamard-multiplied rank-r factorisations per target, r = 8
         return 2 * lora(8) + head
     if method == "peft:VERA":  # frozen shared random A, B; trained scaling vectors d (r) and b (out), r = 16
@@ -115,9 +128,20 @@ CASES = [
     ("ptuning", "tiny_bert", [], 3e-2),
     ("ptuning_v2", "tiny_bert", [], 1e-1),
     ("peft:LOHA", "tiny_bert", [], 3e-2),
+    ("dora", "minilm", [], 3e-3),
+    ("rslora", "minilm", [], 3e-3),
+    ("pissa", "minilm", [], 3e-3),
+    ("loraplus", "minilm", [], 1e-3),
+    ("adalora", "minilm", [], 3e-2),
     ("ia3", "minilm", [], 3e-2),
     ("prompt_tuning", "minilm", [], 3e-2),
+    ("prefix_tuning", "minilm", [], 1e-3),
+    ("ptuning", "minilm", [], 1e-2),
     ("ptuning_v2", "minilm", [], 3e-2),
+    ("adapter_houlsby", "minilm", [], 2e-3),
+    ("adapter_pfeiffer", "minilm", [], 3e-3),
+    ("mam", "minilm", [], 3e-3),
+    ("unipelt", "minilm", [], 3e-3),
 ]
 STEPS = 25
 BATCH = {"tiny_llama": 2, "tiny_bert": 4, "minilm": 4}
@@ -127,6 +151,7 @@ BATCH = {"tiny_llama": 2, "tiny_bert": 4, "minilm": 4}
 # init (same shapes, so the same counts) gives the methods room to show they train.
 TINY_INIT = "+model.config.initializer_range=0.1"
 PROMPT = {"prompt_tuning", "prefix_tuning", "ptuning", "ptuning_v2"}
+ADAPTERS = {"adapter_houlsby", "adapter_pfeiffer", "mam", "unipelt"}  # ftune's own; not mergeable
 
 
 def method_overrides(method: str, model: str = "tiny_llama") -> list[str]:
@@ -209,7 +234,7 @@ def test_peft_method_trains_counts_and_reloads(method, model, extra, lr, tmp_pat
         torch.testing.assert_close(again, trained, atol=1e-6, rtol=0)
 
     name = method.partition(":")[0]
-    if name in PROMPT:
+    if name in PROMPT or name in ADAPTERS:
         assert not run.method.mergeable
         with pytest.raises(FtuneError, match="cannot be merged"):
             run.method.merge(reloaded)
