@@ -39,7 +39,7 @@ commands:
 Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
 scheduler=, trainer=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4).
 `ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
-(`ftune train -m +hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
+(`ftune train hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
 compare takes plain paths: run directories or sweep directories holding runs, plus out=DIR and
 metric=KEY; it writes comparison.md, comparison.csv and comparison.png.
 """
@@ -145,9 +145,14 @@ def _quote_free_text(command: str, argv: list[str]) -> list[str]:
 
 
 def _translate_output_dir(argv: list[str]) -> list[str]:
-    """`output_dir=X` also names Hydra's run (or sweep) directory, so nothing is created elsewhere."""
+    """`output_dir=X` also names Hydra's run (or sweep) directory, so nothing is created elsewhere.
+
+    Also takes `+hparams_search=X` (Hydra's form for adding a group) as `hparams_search=X`: train.yaml
+    lists the group with a null default, and Hydra would refuse the `+` with "Multiple values".
+    """
+    argv = [a[1:] if a.startswith("+hparams_search=") else a for a in argv]
     multirun = "-m" in argv or "--multirun" in argv or any(
-        a.lstrip("+").startswith("hparams_search=") for a in argv)  # hparams_search sets hydra.mode MULTIRUN
+        a.startswith("hparams_search=") for a in argv)  # hparams_search sets hydra.mode MULTIRUN
     extra = []
     for a in argv:
         if a.startswith("output_dir="):

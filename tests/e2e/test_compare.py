@@ -165,7 +165,7 @@ def test_slurm_launcher_config_composes():
 
 def test_optuna_search_config_composes():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    cfg = _compose("train", ["+hparams_search=optuna"])
+    cfg = _compose("train", ["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"method", "method.r", "method.alpha", "optimizer.lr"}
