@@ -47,3 +47,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     """Run the installed `ftune` console script in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([str(FTUNE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fixed_batch(run, n: int = 4) -> dict:
+    """The first ``n`` training examples of a set-up run, collated and on its device."""
+    return {k: v.to(run.device) for k, v in run.collator(run.data.train[:n]).items()}
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    """Eval-mode logits of ``model`` on a collated batch."""
+    from ftune.evaluate import model_inputs
+
+    model.eval()
+    with torch.no_grad():
+        return model(**model_inputs(batch)).logits

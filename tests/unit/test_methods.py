@@ -18,7 +18,7 @@ from ftune.methods.base import trainable_parameters
 from ftune.models import build_model
 from ftune.train import setup
 
-from conftest import compose_train
+from conftest import compose_train, fixed_batch, logits_of
 
 DATASET = {"tiny_llama": "demo_instructions", "tiny_qwen": "demo_instructions", "tiny_gpt2": "demo_instructions",
            "tiny_bert": "sentiment", "minilm": "sentiment"}
@@ -96,16 +96,6 @@ CASES = [
     ("qlora", "tiny_bert", 1e-2), ("full", "minilm", 1e-4), ("freeze", "minilm", 1e-3), ("lora", "minilm", 3e-3),
     ("qlora", "minilm", 1e-3), ("bitfit", "minilm", 3e-3),
 ]
-
-
-def fixed_batch(run, n=4):
-    return {k: v.to(run.device) for k, v in run.collator(run.data.train[:n]).items()}
-
-
-def logits_of(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(**model_inputs(batch)).logits
 
 
 @pytest.mark.parametrize("method,model,lr", CASES, ids=[f"{m}-{a}" for m, a, _ in CASES])

@@ -24,7 +24,7 @@ from ftune.methods.base import MethodContext, trainable_parameters
 from ftune.models import build_model
 from ftune.train import setup
 
-from conftest import compose_train
+from conftest import compose_train, fixed_batch, logits_of
 
 DATASET = {"tiny_llama": "demo_instructions", "tiny_bert": "sentiment", "minilm": "sentiment"}
 P, H_ENC = 8, 32  # virtual tokens and prefix-MLP width used by the prompt cases
@@ -169,16 +169,6 @@ def method_overrides(method: str, model: str = "tiny_llama") -> list[str]:
     if name == "prefix_tuning":
         out += [f"method.encoder_hidden_size={H_ENC}"]
     return out
-
-
-def fixed_batch(run, n=4):
-    return {k: v.to(run.device) for k, v in run.collator(run.data.train[:n]).items()}
-
-
-def logits_of(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(**model_inputs(batch)).logits
 
 
 def train_steps(run, batch, steps: int) -> list[float]:
