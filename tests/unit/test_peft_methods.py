@@ -235,6 +235,32 @@ def test_peft_method_trains_counts_and_reloads(method, model, extra, lr, tmp_pat
         torch.testing.assert_close(logits_of(merged, batch), trained, atol=1e-4, rtol=1e-4)
 
 
+# More of peft's tuners through method=peft: each builds on its own defaults (OFT/BOFT with blocks that
+# divide the tiny width), trains, and reloads to the same logits. Counts are in the table above for
+# LOHA, VERA and LN_TUNING; FourierFT's is n_frequency (1000) spectral coefficients per target.
+OTHER_TUNERS = [("LOKR", []), ("OFT", ["method.config={r:0,oft_block_size:8}"]),
+                ("BOFT", ["method.config={boft_block_size:8}"]), ("FOURIERFT", []), ("HRA", [])]
+
+
+@pytest.mark.parametrize("peft_type,extra", OTHER_TUNERS, ids=[t for t, _ in OTHER_TUNERS])
+def test_other_peft_tuners_train_and_reload(peft_type, extra, tmp_path):
+    cfg = compose_train(["model=tiny_llama", "dataset=demo_instructions", TINY_INIT, "method=peft",
+                         f"method.peft_type={peft_type}", "scheduler=constant", "optimizer.lr=1e-2", *extra],
+                        tmp_path / "run")
+    run = setup(cfg)
+    trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora" not in n) for n in trainable)
+    if peft_type == "FOURIERFT":
+        assert sum(t.numel() for t in trainable.values()) == 1000 * 2 * shapes(cfg)["L"]  # q and v
+    batch = fixed_batch(run, 2)
+    train_steps(run, batch, 3)
+    assert any(not torch.equal(p, trainable[n]) for n, p in run.model.named_parameters() if p.requires_grad)
+    trained = logits_of(run.model, batch)
+    run.method.save(run.model, tmp_path / "adapter")
+    reloaded = run.method.load(fresh_base(run), tmp_path / "adapter", run.ctx)
+    torch.testing.assert_close(logits_of(reloaded, batch), trained, atol=1e-6, rtol=0)
+
+
 def test_mergeable_flags():
     expected = {"dora": True, "rslora": True, "pissa": True, "loraplus": True, "adalora": True, "ia3": True,
                 "prompt_tuning": False, "prefix_tuning": False, "ptuning": False, "ptuning_v2": False}
