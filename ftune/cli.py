@@ -15,6 +15,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ftune.errors import FtuneError
@@ -69,6 +70,8 @@ def _train_job(cfg) -> float | None:
         metrics = train(cfg)
     except FtuneError as e:
         report_error(e, bool(cfg.get("verbose")))
+        if not multirun:
+            _remove_if_created_empty(Path(cfg.output_dir))
         if multirun:  # one failing job (e.g. bitfit on Llama) must not stop the rest of a sweep
             try:
                 os.makedirs(cfg.output_dir, exist_ok=True)
@@ -85,6 +88,29 @@ def _train_job(cfg) -> float | None:
         return None
     console.print(f"[bold green]done[/] {key} = {metrics[key]:.4f}   run: {cfg.output_dir}")
     return metrics[key]
+
+
+# output directories that existed before this command ran (an output_dir=... the user named): a failed
+# run never removes those, even when they are empty
+_EXISTED: set[Path] = set()
+
+
+def _remove_if_created_empty(out: Path) -> None:
+    """Take back the empty run directory Hydra made for a run that failed before writing anything.
+
+    A directory the user named and that existed before is kept; so is anything with a file in it. The
+    date folder of Hydra's default layout (outputs/<date>/<time>_<method>) goes too when it is left empty.
+    """
+    try:
+        out = out.resolve()
+        if out in _EXISTED or not out.is_dir() or any(out.iterdir()):
+            return
+        out.rmdir()
+        parent = out.parent
+        if parent not in _EXISTED and parent.parent.name == "outputs" and not any(parent.iterdir()):
+            parent.rmdir()
+    except OSError:
+        pass
 
 
 def _job(run: Callable[[Any], Any]) -> Callable:
@@ -209,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     # `recipes` config group, so `ftune train recipes=<name>` picks a recipe.
     searchpath = [] if any(a.startswith(("hydra.searchpath", "--config-dir", "-cd")) for a in rest) else [
         f"--config-dir={recipes_dir().parent}"]
+    for a in rest:
+        if a.startswith("output_dir=") and Path(a.split("=", 1)[1]).expanduser().exists():
+            _EXISTED.add(Path(a.split("=", 1)[1]).expanduser().resolve())
     sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quote_free_text(command, rest))
     try:
         app()

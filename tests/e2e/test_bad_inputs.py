@@ -39,12 +39,14 @@ def cli(args: list[str], environ: dict[str, str] | None = None) -> subprocess.Co
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots`` (empty directories are not files)."""
+    """sha256 of every file under ``roots``, and every directory (a failed run leaves none behind)."""
     out = {}
     for root in roots:
         for p in sorted(root.rglob("*")) if root.exists() else []:
             if p.is_file():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                out[str(p)] = "directory"
     return out
 
 

@@ -58,6 +58,18 @@ def test_existing_output_dir_is_refused_and_left_alone(tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_that_fails_before_writing_leaves_no_directory_but_keeps_the_users(tmp_path):
+    # Hydra's default layout, outputs/<date>/<time>_<method>: made for the run, taken back on failure
+    res = run_cli("train", *TINY, "method=bitfit", cwd=tmp_path)
+    assert res.returncode == 2 and "has none" in res.stdout + res.stderr
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] in ([], ["outputs"])
+    # an empty directory the user made and named stays
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    res = run_cli("train", *TINY, "method=bitfit", f"output_dir={mine}")
+    assert res.returncode == 2 and mine.is_dir()
+
+
 def test_multirun_sweeps_methods_one_run_dir_each(tmp_path):
     out = tmp_path / "sweep"
     res = run_cli("train", "-m", "method=full,lora,bitfit", *TINY, f"output_dir={out}")
