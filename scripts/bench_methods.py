@@ -2,6 +2,8 @@
 
     python scripts/bench_methods.py                              # all methods, 4,000 sentences, 1 epoch
     python scripts/bench_methods.py --methods lora,dora,ia3 --n-train 8000
+    python scripts/bench_methods.py --methods adalora --extra optimizer.lr=1e-3,1e-2 --out outputs/probe
+                                                                 # a comma list in --extra is one more sweep axis
 
 Same data, batch size, sequence length, schedule and epochs for every method; each method trains at
 the learning rate of its own YAML (configs/method/<name>.yaml). Writes the sweep to --out and the
