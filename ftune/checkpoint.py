@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -224,8 +225,10 @@ def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler, meth
     optimizer.lr keeps the checkpoint's schedule, and ``say`` warns about it.
     """
     asked, saved = _base_lrs(optimizer.param_groups), _base_lrs(ckpt.optimizer.get("param_groups", []))
-    if len(asked) == len(saved) and any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1.0) for a, b in zip(asked, saved)):
-        fmt = lambda lrs: ", ".join(f"{x:g}" for x in dict.fromkeys(lrs))  # noqa: E731
+    if len(asked) == len(saved) and not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(asked, saved)):
+        def fmt(lrs: list[float]) -> str:
+            return ", ".join(f"{x:g}" for x in dict.fromkeys(lrs))
+
         say(f"warning: this run asks for learning rate {fmt(asked)}, but checkpoint '{ckpt.path}' was trained with "
             f"{fmt(saved)}; resuming continues the checkpoint's schedule at {fmt(saved)}. To train with the new "
             f"rate, start a new output_dir instead of resuming.")

@@ -70,8 +70,6 @@ def _train_job(cfg) -> float | None:
         metrics = train(cfg)
     except FtuneError as e:
         report_error(e, bool(cfg.get("verbose")))
-        if not multirun:
-            _remove_if_created_empty(Path(cfg.output_dir))
         if multirun:  # one failing job (e.g. bitfit on Llama) must not stop the rest of a sweep
             try:
                 os.makedirs(cfg.output_dir, exist_ok=True)
@@ -80,6 +78,7 @@ def _train_job(cfg) -> float | None:
             except OSError:
                 pass
             return None
+        _remove_if_created_empty(Path(cfg.output_dir))
         sys.exit(e.exit_code)
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
     key = "eval/accuracy" if "eval/accuracy" in metrics else "eval/loss"
@@ -107,7 +106,7 @@ def _remove_if_created_empty(out: Path) -> None:
             return
         out.rmdir()
         parent = out.parent
-        if parent not in _EXISTED and parent.parent.name == "outputs" and not any(parent.iterdir()):
+        if parent.parent.name == "outputs" and not any(parent.iterdir()):
             parent.rmdir()
     except OSError:
         pass
@@ -236,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     searchpath = [] if any(a.startswith(("hydra.searchpath", "--config-dir", "-cd")) for a in rest) else [
         f"--config-dir={recipes_dir().parent}"]
     for a in rest:
-        if a.startswith("output_dir=") and Path(a.split("=", 1)[1]).expanduser().exists():
-            _EXISTED.add(Path(a.split("=", 1)[1]).expanduser().resolve())
+        named = Path(a.split("=", 1)[1]).expanduser() if a.startswith("output_dir=") else None
+        if named is not None and named.exists():
+            _EXISTED.add(named.resolve())
     sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quote_free_text(command, rest))
     try:
         app()

@@ -252,8 +252,7 @@ def plot(path: Path, rows: list[RunRow], metric: str) -> None:
     methods = sorted({r.method for _, _, r in shown})
     # one colour and marker pair per method: tab10's colours for up to 10 methods, tab20's beyond,
     # and a new marker shape every 20, so no two methods of a sweep look alike
-    palette = plt.cm.tab10 if len(methods) <= 10 else plt.cm.tab20
-    size = 10 if len(methods) <= 10 else 20
+    palette, size = (plt.cm.tab10, 10) if len(methods) <= 10 else (plt.cm.tab20, 20)
     for i, m in enumerate(methods):
         xs = [x for x, _, r in shown if r.method == m]
         ys = [y for _, y, r in shown if r.method == m]
