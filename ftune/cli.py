@@ -63,12 +63,18 @@ def _train_job(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from ftune.progress import console, metrics_table
-    from ftune.train import train
+    from ftune.thirdparty import hide_bitsandbytes, needs_bitsandbytes, save_library_log
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    if not multirun and not needs_bitsandbytes(cfg):  # (a sweep's later jobs may need it: not hidden there)
+        hide_bitsandbytes()
+    from ftune.train import train
+
     try:
         metrics = train(cfg)
     except FtuneError as e:
+        if Path(cfg.output_dir).is_dir() and any(Path(cfg.output_dir).iterdir()):
+            save_library_log(Path(cfg.output_dir))  # beside the failed run's checkpoints
         report_error(e, bool(cfg.get("verbose")))
         if multirun:  # one failing job (e.g. bitfit on Llama) must not stop the rest of a sweep
             try:
@@ -80,6 +86,7 @@ def _train_job(cfg) -> float | None:
             return None
         _remove_if_created_empty(Path(cfg.output_dir))
         sys.exit(e.exit_code)
+    save_library_log(Path(cfg.output_dir))
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
     key = "eval/accuracy" if "eval/accuracy" in metrics else "eval/loss"
     if key not in metrics:  # no eval split: say so rather than print nan
@@ -117,6 +124,10 @@ def _job(run: Callable[[Any], Any]) -> Callable:
 
     def job(cfg):
         try:
+            if not _run_uses_bitsandbytes(cfg):
+                from ftune.thirdparty import hide_bitsandbytes
+
+                hide_bitsandbytes()
             return run(cfg)
         except FtuneError as e:
             report_error(e, bool(cfg.get("verbose")))
@@ -124,6 +135,19 @@ def _job(run: Callable[[Any], Any]) -> Callable:
 
     job.__name__ = job.__qualname__ = f"{run.__name__}_job"
     return job
+
+
+def _run_uses_bitsandbytes(cfg) -> bool:
+    """Whether the run that eval/merge/generate loads was trained with bitsandbytes (a 4-bit base)."""
+    from omegaconf import OmegaConf
+
+    from ftune.thirdparty import needs_bitsandbytes
+
+    saved = Path(str(cfg.get("run") or "")).expanduser() / "config.yaml"
+    try:
+        return saved.is_file() and needs_bitsandbytes(OmegaConf.load(saved))
+    except Exception:  # an unreadable config is reported by the command itself, with its own words
+        return True
 
 
 def _eval(cfg) -> float | None:
@@ -213,21 +237,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors; main() words them as one paragraph
-    import warnings
+    from ftune.thirdparty import capture_library_output
 
+    # Libraries' loading reports, notices and warnings go to <run>/library.log, not the console: ftune
+    # prints what matters itself, and its error paragraph stays the last line. verbose=true shows them.
+    capture_library_output(_verbose(rest))
     import hydra
-    import transformers
 
     from ftune.config import config_dir, recipes_dir
+    from ftune.outputs import record_command
 
-    # Loading reports ("classifier.weight newly initialized") and deprecation notices are noise for
-    # users of the CLI; ftune prints what matters itself. verbose=true shows them.
-    if not _verbose(rest):
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-
+    record_command([command, *rest])
     config_name, _ = COMMANDS[command]
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(JOBS[command])
     # recipes/ sits beside configs/ (checkout) or inside the package (wheel): make it the

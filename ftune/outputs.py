@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,36 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+_COMMAND: list[str] | None = None  # the ftune CLI's words as the user typed them: [command, *overrides]
+
+
+def record_command(words: list[str]) -> None:
+    """Remember the command line the user typed (the CLI rewrites sys.argv for Hydra)."""
+    global _COMMAND
+    _COMMAND = list(words)
+
+
+def run_command(cfg: DictConfig) -> str:
+    """The command that reproduces this run: what the user typed; for a sweep's job, that job alone."""
+    if _COMMAND is None:
+        return "ftune.train.train(cfg), from Python (config.yaml holds the config)"
+    words = _COMMAND
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not inside a Hydra app
+        hydra_cfg = None
+    if hydra_cfg is not None and hydra_cfg.mode.name == "MULTIRUN":
+        job = [o for o in hydra_cfg.overrides.task if not o.startswith("output_dir=")]
+        words = [words[0], *job, f"output_dir={cfg.output_dir}"]
+    return shlex.join(["ftune", *words])
+
+
 def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     """README.md: what was trained, on what, how to reproduce and load it."""
     model = cfg.model.path or f"{cfg.model.name} (built from config)"
-    command = " ".join(["ftune"] + sys.argv[1:]) if sys.argv else "ftune train"
+    command = run_command(cfg)
     rows = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
     )

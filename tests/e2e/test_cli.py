@@ -34,7 +34,10 @@ def test_train_writes_the_run_directory(tmp_path):
                 "train_runtime_s", "tokens_per_s", "peak_memory_mb"):
         assert key in metrics, key
     assert Image.open(out / "loss.png").size[0] > 100
-    assert "lora" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "lora" in card
+    # the command the user typed, not the one ftune hands to Hydra
+    assert f"- command: `ftune train {' '.join(TINY)} method=lora output_dir={out}`" in card
 
     # The adapter is plain peft: it loads onto the base model without ftune's help.
     from omegaconf import OmegaConf
@@ -80,6 +83,9 @@ def test_multirun_sweeps_methods_one_run_dir_each(tmp_path):
     assert (out / "1_lora/adapter/adapter_model.safetensors").exists()
     # BitFit cannot apply to Llama (no biases): that job says why, the sweep goes on.
     assert "has none" in (out / "2_bitfit/error.txt").read_text()
+    # each job's card gives the command that reruns that job alone
+    card = (out / "1_lora/README.md").read_text()
+    assert f"- command: `ftune train method=lora {' '.join(TINY)} output_dir={out / '1_lora'}`" in card
 
 
 def test_cfg_job_prints_config_and_trains_nothing(tmp_path):
@@ -98,3 +104,55 @@ def test_default_job_trains_minilm_and_beats_chance(tmp_path):
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["eval/accuracy"] > 0.8, metrics  # 400 held-out reviews, chance is 0.5
     assert f"eval/accuracy = {metrics['eval/accuracy']:.4f}" in res.stdout
+
+
+def _bnb_cpu_kernel_message_expected() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def test_console_shows_only_what_ftune_prints(tmp_path):
+    """Libraries' warnings (here: bitsandbytes' kernel notice on AVX512-BF16 CPUs, torch and transformers
+    deprecations from a 4-bit run) go to the run's library.log; stderr stays empty."""
+    out = tmp_path / "run"
+    res = run_cli("train", "model=tiny_bert", "dataset=sentiment", "method=qlora", "trainer=smoke",
+                  "trainer.max_steps=2", "dataset.max_samples=8", "dataset.max_eval_samples=8", f"output_dir={out}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stderr == ""
+    assert not [line for line in res.stdout.splitlines() if "warn" in line.lower() or "kernel" in line.lower()]
+    log = (out / "library.log").read_text()
+    assert "WARNING" in log
+    if _bnb_cpu_kernel_message_expected():
+        assert "gemm_4bit_forward" in log
+    assert "4-bit NF4: 2 linear layers quantized, 11 kept in full precision" in res.stdout
+
+
+IMPORTED = """
+import sys
+from ftune.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("bitsandbytes imported:", sys.modules.get("bitsandbytes") is not None)
+"""
+
+
+def test_bitsandbytes_is_imported_only_by_runs_that_use_it(tmp_path):
+    import subprocess
+    import sys
+
+    def imported(*args: str) -> bool:
+        res = subprocess.run([sys.executable, "-c", IMPORTED, "train", *TINY, "trainer.max_steps=1", *args],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return "bitsandbytes imported: True" in res.stdout
+
+    assert not imported("method=lora", f"output_dir={tmp_path / 'lora'}")
+    assert imported("method=qlora", f"output_dir={tmp_path / 'qlora'}")
+    assert imported("method=lora", "optimizer=adamw_8bit", f"output_dir={tmp_path / 'adam8'}")
+    # eval of a 4-bit run needs it, eval of a LoRA run does not
+    assert subprocess.run([sys.executable, "-c", IMPORTED, "eval", f"run={tmp_path / 'lora'}"], capture_output=True,
+                          text=True, timeout=600).stdout.rstrip().endswith("bitsandbytes imported: False")
