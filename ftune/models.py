@@ -8,6 +8,7 @@ safetensors only; ``trust_remote_code`` stays off unless the model config turns 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -133,13 +134,42 @@ def head_names(model: nn.Module, task: str) -> list[str]:
     return [n for n in TASK_HEADS if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.device, skip: list[str]) -> nn.Module:
-    """Replace every nn.Linear (except ``skip`` modules and the LM head) with an NF4 bitsandbytes layer.
+QUANT_BLOCK = 64  # NF4 block size: each block of 64 consecutive weights of a row shares one scale
 
-    The layers are quantized when moved to ``device`` (CPU or CUDA), which is how bitsandbytes
-    0.50 quantizes on both; double quantization of the scales is on, as in the QLoRA paper.
+
+def quantizable_4bit(in_features: int) -> str | None:
+    """Why a linear layer with ``in_features`` inputs stays in full precision, or None if it can be NF4.
+
+    A block must not straddle two rows of the weight: rows narrower than a block, or not a whole number
+    of blocks, would share scales across output features (and bitsandbytes' CPU inference kernels
+    reshape the scales per row and fail on them).
     """
+    if in_features < QUANT_BLOCK:
+        return f"narrower than the {QUANT_BLOCK}-wide quantization block"
+    if in_features % QUANT_BLOCK:
+        return f"input width not a multiple of the {QUANT_BLOCK}-wide quantization block"
+    return None
+
+
+def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.device, skip: list[str],
+                  report: dict | None = None) -> nn.Module:
+    """Replace each quantizable nn.Linear (except ``skip`` modules and the LM head) with an NF4 bitsandbytes layer.
+
+    The decision is per layer (``quantizable_4bit``): layers that cannot be quantized safely stay in full
+    precision, and ``report`` (when given) receives how many were quantized and how many were not. A
+    model where nothing can be quantized is refused. The layers are quantized when moved to ``device``
+    (CPU or CUDA), which is how bitsandbytes 0.50 quantizes on both; double quantization of the scales
+    is on, as in the QLoRA paper.
+
+    On CPUs with AVX512-BF16 bitsandbytes would repack a layer's weight in eval mode for a bf16 kernel
+    (scales rounded to bf16), so evaluation would compute differently than training and than on other
+    CPUs; ftune turns that path off per layer, so every CPU dequantizes and multiplies the same way.
+    """
+    from ftune.thirdparty import bitsandbytes_hidden
+
     try:
+        if bitsandbytes_hidden():
+            raise ImportError
         import bitsandbytes as bnb
     except ImportError:
         raise FtuneError(
@@ -150,7 +180,7 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.de
     from transformers.pytorch_utils import Conv1D
 
     skip = set(skip) | {"lm_head"}
-    replaced = 0
+    replaced, kept = 0, {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -159,6 +189,10 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.de
             # GPT-2's Conv1D stores the weight transposed (in, out); a Linear4bit wants (out, in).
             weight = child.weight.data.t() if isinstance(child, Conv1D) else child.weight.data
             in_features, out_features = weight.shape[1], weight.shape[0]
+            reason = quantizable_4bit(in_features)
+            if reason is not None:
+                kept[full] = reason
+                continue
             q = bnb.nn.Linear4bit(
                 in_features,
                 out_features,
@@ -167,20 +201,34 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.de
                 quant_type="nf4",
                 compress_statistics=True,
             )
+            q.support_avx512bf16_for_cpu = False  # one numeric path on every CPU (see the docstring)
             q.weight = bnb.nn.Params4bit(
                 weight.to(torch.float32).contiguous(),
                 requires_grad=False,
                 quant_type="nf4",
                 compress_statistics=True,
+                blocksize=QUANT_BLOCK,
             )
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
             setattr(parent, child_name, q.to(device))
             replaced += 1
     if replaced == 0:
-        raise FtuneError("QLoRA found no linear layers to quantize in this model; use `method=lora` instead.")
+        widths = sorted({reason for reason in kept.values()})
+        raise FtuneError(
+            f"4-bit quantization found no linear layer it can quantize in this model ({len(kept)} linear layers, "
+            f"all {' or '.join(widths) or 'excluded'}), so a 4-bit method would train an unquantized model. Use "
+            f"`method=lora` (or `method.quantize=false`) for this model; 4-bit pays off on models whose layers "
+            f"are at least {QUANT_BLOCK} wide."
+        )
+    if report is not None:
+        report.update({"quantization/layers_4bit": replaced, "quantization/layers_full_precision": len(kept)})
+        if kept:
+            report["quantization/full_precision_reason"] = "; ".join(
+                f"{n} {r}" for r, n in sorted(Counter(kept.values()).items()))
     model.to(device)
     # What transformers sets when it loads a 4-bit model: peft reads it to wrap these layers with
     # its bitsandbytes-aware LoRA layers and to prepare the model for k-bit training.
     model.is_loaded_in_4bit = True
     return model
+

@@ -60,6 +60,13 @@ def print_header(run, params: tuple[int, int]) -> None:
         f"{str(run.autocast_dtype).replace('torch.', '') if run.autocast_dtype else 'fp32'}\n"
         f"  output {run.out}"
     )
+    report = run.ctx.report
+    if "quantization/layers_4bit" in report:
+        kept = report["quantization/layers_full_precision"]
+        console.print(
+            f"  4-bit NF4: {report['quantization/layers_4bit']} linear layers quantized, {kept} kept in full precision"
+            + (f" ({report['quantization/full_precision_reason']})" if kept else "")
+        )
 
 
 def metrics_table(metrics: dict[str, Any], title: str) -> Table:

@@ -302,6 +302,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         "tokens_per_s": loop.tokens / max(loop.train_seconds, 1e-9),
         "peak_memory_mb": memory.peak_mb(),
     })
+    metrics.update(run.ctx.report)  # what the method reports about the model (e.g. layers kept out of 4-bit)
     if loop.skipped_nan:
         metrics["skipped_nan_batches"] = loop.skipped_nan
     return metrics

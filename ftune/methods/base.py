@@ -55,6 +55,7 @@ class MethodContext:
     compute_dtype: torch.dtype = torch.float32
     activation_checkpointing: bool = False
     tokenizer_path: str | None = None  # the run's tokenizer (hub id or folder); prompt_tuning's init=text reads it
+    report: dict[str, Any] = field(default_factory=dict)  # facts for the run header and metrics.json
 
 
 class Method:

@@ -149,7 +149,7 @@ class Lora(PeftMethod):
 
         from ftune.models import quantize_4bit
 
-        model = quantize_4bit(model, ctx.compute_dtype, ctx.device, skip=ctx.head_names)
+        model = quantize_4bit(model, ctx.compute_dtype, ctx.device, skip=ctx.head_names, report=ctx.report)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=ctx.activation_checkpointing,
@@ -161,7 +161,8 @@ class Lora(PeftMethod):
         if self.quantized:
             from ftune.models import quantize_4bit
 
-            base_model = quantize_4bit(base_model, ctx.compute_dtype, ctx.device, skip=ctx.head_names)
+            base_model = quantize_4bit(base_model, ctx.compute_dtype, ctx.device, skip=ctx.head_names,
+                                      report=ctx.report)
         return super().load(base_model, out_dir, ctx)
 
     def merge(self, model):
