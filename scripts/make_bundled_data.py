@@ -13,6 +13,11 @@ work points `dataset.path` at a hub id or local file.
 - instructions.jsonl: alpaca-style {instruction, input, output} rows of small deterministic tasks.
 - chat.jsonl: the same tasks as {messages: [{role, content}, ...]} conversations.
 - text.jsonl: {text} paragraphs for continued pretraining.
+- dates_{train,eval}.jsonl: a date written the way people write it ("Tuesday, 7 March 2019",
+  "Mar 7, 2019", "the 7th of March 2019") and the same date in ISO 8601 (2019-03-07); the default
+  job's task. SmolLM2-135M-Instruct cannot do it zero-shot (exact match 0 of 30: it echoes the date,
+  invents a time of day or a year), and it is learnable in a few dozen LoRA steps. Eval dates never
+  occur in train.
 """
 
 from __future__ import annotations
@@ -98,6 +103,34 @@ def task(rng: random.Random) -> tuple[str, str, str]:
     return "Sort the words alphabetically.", ", ".join(ws), ", ".join(sorted(ws))
 
 
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+DATE_STYLES = ["{d} {M} {y}", "{M} {d}, {y}", "{W}, {M} {d}, {y}", "{W}, {d} {M} {y}", "{m3} {d}, {y}",
+               "{d} {m3} {y}", "the {o} of {M} {y}", "{M} {o}, {y}", "{d}. {M} {y}", "{m3}. {d} {y}"]
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 11 <= n % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def dates(rng: random.Random, n: int, seen: set) -> list[dict]:
+    """Dates in the ways people write them -> ISO 8601. Each (date) is used once across splits."""
+    import datetime
+
+    rows = []
+    while len(rows) < n:
+        day = datetime.date(1900, 1, 1) + datetime.timedelta(days=rng.randrange(200 * 365))
+        if day in seen:
+            continue
+        seen.add(day)
+        style = rng.choice(DATE_STYLES)
+        text = style.format(d=day.day, M=MONTHS[day.month - 1], m3=MONTHS[day.month - 1][:3], y=day.year,
+                            W=day.strftime("%A"), o=ordinal(day.day))
+        rows.append({"instruction": "Write this date in ISO 8601 format (YYYY-MM-DD).", "input": text,
+                     "output": day.isoformat()})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -137,6 +170,10 @@ def main() -> None:
     write_jsonl(OUT / "chat.jsonl", chats)
     paragraphs = [" ".join(r["text"] for r in train[k:k + 6]) for k in range(0, 1200, 6)]
     write_jsonl(OUT / "text.jsonl", [{"text": p} for p in paragraphs])
+
+    date_rng, seen_dates = random.Random(2026), set()  # its own seed: the files above do not change
+    write_jsonl(OUT / "dates_train.jsonl", dates(date_rng, 2000, seen_dates))
+    write_jsonl(OUT / "dates_eval.jsonl", dates(date_rng, 200, seen_dates))
 
     corpus = [r["text"] for r in train] + [f"{i} {x} {y}" for i, x, y in tasks]
     # The prompt templates' fixed text, so the tiny models' prompts stay a few dozen tokens long.
