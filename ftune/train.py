@@ -192,8 +192,10 @@ def setup(cfg: DictConfig) -> Run:
 
 def identity(run: Run) -> dict[str, Any]:
     """What a checkpoint must match to be resumed into this run."""
+    # packing: the tokens per packed row, None for padded batches (as in checkpoints that predate packing)
     return {"model": run.model_cfg.path or run.model_cfg.name, "method": run.method.name,
-            "task": run.data.task, "trainable": trainable_parameters(run.model)[0]}
+            "task": run.data.task, "trainable": trainable_parameters(run.model)[0],
+            "packing": pack_budget(run.trainer) if run.trainer.packing else None}
 
 
 def train_loop(run: Run) -> dict[str, Any]:

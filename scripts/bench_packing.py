@@ -7,9 +7,9 @@ Encodes the data exactly as `ftune train` does (alpaca template, prompt tokens n
 counts, over one epoch of batches, the share of computed token slots that are padding: random
 batches (trainer.group_by_length=false), length-grouped batches (the default) and packed rows
 (none by construction; it reports how full the rows are). With --steps it then trains a tiny Llama
-(model=tiny_llama, its vocabulary resized to the tokenizer's) for that many steps each way, one run
-after the other, and prints the real (non-pad) tokens per second of each. Timings on a shared
-machine are rough.
+(model=tiny_llama, its vocabulary resized to the tokenizer's, LoRA) for that many steps with random
+batches, length-grouped batches and packed rows, one run after the other, and prints the real
+(non-pad) tokens per second of each. Timings on a shared machine are rough.
 """
 
 from __future__ import annotations
@@ -67,16 +67,17 @@ def main() -> None:
                   f"trainer.max_steps={a.steps}", "trainer.progress=false", "trainer.device=cpu", f"seed={a.seed}",
                   *a.extra]
         work = Path(tempfile.mkdtemp(prefix="ftune-packing-"))
-        for name, extra in (("padded (length-grouped)", ["trainer.packing=false"]),
+        for name, extra in (("padded, random", ["trainer.packing=false", "trainer.group_by_length=false"]),
+                            ("padded, length-grouped", ["trainer.packing=false", "trainer.group_by_length=true"]),
                             ("packed", ["trainer.packing=true"])):
-            out = work / name.split()[0]
+            out = work / name.replace(", ", "_")
             res = subprocess.run([str(Path(sys.executable).parent / "ftune"), "train", *common, *extra,
                                   f"output_dir={out}"], capture_output=True, text=True)
             if res.returncode:
                 sys.exit(f"{name} run failed:\n{(res.stdout + res.stderr)[-2000:]}")
             m = json.loads((out / "metrics.json").read_text())
             first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-            print(f"{name:<24} {a.steps} steps  {m['train_runtime_s']:7.1f} s  {m['tokens_per_s']:9.0f} real tokens/s"
+            print(f"{name:<24} {a.steps:>4} steps  {m['train_runtime_s']:7.1f} s  {m['tokens_per_s']:9.0f} real tokens/s"
                   f"  first logged loss {first['loss']:.4f}  eval/loss {m.get('eval/loss', float('nan')):.4f}")
 
 

@@ -173,3 +173,13 @@ def test_a_packed_step_equals_a_padded_step(make_cfg, tmp_path):
     a, b = (load_file(str(tmp_path / name / "adapter" / "weights.safetensors")) for name in ("padded", "packed"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_padded_runs_checkpoint_is_not_resumed_with_packing(make_cfg, tmp_path):
+    """The batch order of a packed run is another one: resuming across the switch is refused."""
+    common = ["model=tiny_llama", "dataset=demo_instructions", "method=lora", "trainer.max_steps=2",
+              "trainer.save_every=1"]
+    train(make_cfg(*common, "trainer.packing=false"))
+    with pytest.raises(FtuneError, match=r"tokens per packed row .*checkpoint has None, this run has 512"):
+        train(make_cfg(*common, "trainer.packing=true", "trainer.max_steps=4", "resume=auto"))
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2  # nothing of the first run was touched
