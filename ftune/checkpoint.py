@@ -186,7 +186,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
 def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any]) -> None:
     """CheckpointMismatch if ``ckpt`` was written by a run of another model, method or task."""
     saved = ckpt.identity
-    labels = {"model": "model", "method": "method", "task": "task", "trainable": "trainable parameters"}
+    labels = {"model": "model", "method": "method", "task": "task", "trainable": "trainable parameters",
+              "packing": "tokens per packed row (trainer.packing, trainer.pack_tokens; None: padded batches)"}
     mismatched = [f"{labels.get(k, k)}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
                   for k, v in identity.items() if saved.get(k) != v]
     if not mismatched:
@@ -208,7 +209,7 @@ def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any
     if mismatched:
         raise CheckpointMismatch(
             f"Checkpoint '{ckpt.path}' belongs to a different run ({'; '.join(mismatched)}), so it was not used. "
-            f"Resume with the same model, method and method settings as the run that wrote it, or start a new "
+            f"Resume with the same model, method, method settings and packing as the run that wrote it, or start a new "
             f"output_dir (or pass overwrite=true without resume to start over)."
         )
 

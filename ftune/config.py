@@ -112,6 +112,8 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = 1.0
     activation_checkpointing: bool = False
     group_by_length: bool = True
+    packing: bool = False  # causal LM: join examples into one row per micro-batch, no padding
+    pack_tokens: Optional[int] = None  # tokens per packed row; default batch_size * max_length
     num_workers: int = 0
     save_every: Optional[int] = None
     keep_checkpoints: int = 2
@@ -176,6 +178,11 @@ def validate_values(trainer: TrainerConfig, lr: float) -> None:
         problems.append(f"trainer.epochs must be positive (got {trainer.epochs})")
     if trainer.max_length < 8:
         problems.append(f"trainer.max_length must be at least 8 tokens (got {trainer.max_length})")
+    if trainer.packing and trainer.pack_tokens is not None and trainer.pack_tokens < trainer.max_length:
+        problems.append(
+            f"trainer.pack_tokens must be at least trainer.max_length ({trainer.max_length}), the longest example, "
+            f"so that no example is split (got {trainer.pack_tokens})"
+        )
     if trainer.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"trainer.precision must be auto, fp32, bf16 or fp16 (got '{trainer.precision}')")
     if not lr > 0:

@@ -44,9 +44,16 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
     return loss, int((shift_labels != IGNORE).sum())
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch without labels: the trainer computes the loss itself."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The batch without labels: the trainer computes the loss itself.
+
+    A packed row (position ids, no attention mask) also gets ``use_cache=False``: with a cache,
+    transformers builds a causal mask over the whole row and its examples would see each other.
+    """
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in batch and "attention_mask" not in batch:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def _batched_logits(model: nn.Module, examples: list[dict], collator: Collator, device: torch.device,

@@ -48,6 +48,8 @@ class TrainProgress:
 
 
 def print_header(run, params: tuple[int, int]) -> None:
+    from ftune.packing import pack_budget
+
     trainable, total = params
     t = run.trainer
     console.print(
@@ -55,7 +57,9 @@ def print_header(run, params: tuple[int, int]) -> None:
         f"method [cyan]{run.method.name}[/]  data [cyan]{run.cfg.dataset.name}[/] "
         f"({len(run.data.train)} train / {len(run.data.eval)} eval)\n"
         f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)  "
-        f"{run.total_steps} steps × batch {t.batch_size} × accum {t.grad_accum}  "
+        f"{run.total_steps} steps × "
+        + (f"packed rows of {pack_budget(t)} tokens" if t.packing else f"batch {t.batch_size}")
+        + f" × accum {t.grad_accum}  "
         f"lr {run.cfg.optimizer.lr}  device {run.device}  precision "
         f"{str(run.autocast_dtype).replace('torch.', '') if run.autocast_dtype else 'fp32'}\n"
         f"  output {run.out}"

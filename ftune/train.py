@@ -39,6 +39,14 @@ from ftune.evaluate import evaluate_examples, model_inputs, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
+from ftune.packing import (
+    PackingCollator,
+    check_packing,
+    check_packing_settings,
+    is_flash_attention,
+    pack_budget,
+    packed_batches,
+)
 from ftune.progress import TrainProgress, console, print_header
 
 
@@ -57,12 +65,20 @@ class Run:
     method: Method
     model: torch.nn.Module
     ctx: MethodContext
-    collator: Collator
+    collator: Collator | PackingCollator  # the training batches' (eval batches are always padded)
+    eval_collator: Collator
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler | None
     total_steps: int
     batches_per_epoch: int
+
+    def epoch_batches(self, lengths: list[int], epoch: int) -> list[list[int]]:
+        """The micro-batches (example indices) of ``epoch``: packed rows or padded batches."""
+        t = self.trainer
+        if t.packing:
+            return packed_batches(lengths, pack_budget(t), self.cfg.seed, epoch)
+        return epoch_batches(lengths, t.batch_size, self.cfg.seed, epoch, t.group_by_length)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,6 +142,8 @@ def setup(cfg: DictConfig) -> Run:
     method = build_method(cfg.method)  # validates method settings before any loading
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
+    if trainer.packing:
+        check_packing_settings(task)
     device = resolve_device(trainer.device)
     autocast_dtype = resolve_precision(trainer.precision, device)
     resume = cfg.get("resume")
@@ -140,33 +158,44 @@ def setup(cfg: DictConfig) -> Run:
             model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
             pad_token_id=tokenizer.pad_token_id,
         )
+    if trainer.packing:
+        check_packing_settings(task, model.config.model_type)
     ctx = MethodContext(
         task=task, model_type=model.config.model_type, head_names=head_names(model, task),
         device=device, compute_dtype=autocast_dtype or torch.float32,
         activation_checkpointing=trainer.activation_checkpointing,
         tokenizer_path=model_cfg.tokenizer or model_cfg.path,
     )
-    batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
+    if trainer.packing:  # rows per epoch vary a little with the shuffle: epoch 0's count sets the schedule
+        lengths = [len(e["input_ids"]) for e in data.train]
+        batches_per_epoch = len(packed_batches(lengths, pack_budget(trainer), cfg.seed, 0))
+    else:
+        batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // trainer.grad_accum)
     total_steps = trainer.max_steps or max(1, math.ceil(trainer.epochs * steps_per_epoch))
     ctx.total_steps = total_steps
     method.check(model, ctx)
     model = method.prepare(model, ctx).to(device)
     model.train()
+    if trainer.packing:  # refuses the run unless the examples of a packed row are kept apart
+        check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
 
     optimizer = build_optimizer(cfg, method, model, device)
     check_target(cfg.scheduler, "scheduler")
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    collator = Collator(tokenizer.pad_token_id, task)
+    eval_collator = Collator(tokenizer.pad_token_id, task)
+    collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, model, ctx,
-               collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch)
+               collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch)
 
 
 def identity(run: Run) -> dict[str, Any]:
     """What a checkpoint must match to be resumed into this run."""
+    # packing: the tokens per packed row, None for padded batches (as in checkpoints that predate packing)
     return {"model": run.model_cfg.path or run.model_cfg.name, "method": run.method.name,
-            "task": run.data.task, "trainable": trainable_parameters(run.model)[0]}
+            "task": run.data.task, "trainable": trainable_parameters(run.model)[0],
+            "packing": pack_budget(run.trainer) if run.trainer.packing else None}
 
 
 def train_loop(run: Run) -> dict[str, Any]:
@@ -181,13 +210,13 @@ def train_loop(run: Run) -> dict[str, Any]:
         console.print(f"Resuming from {ckpt} (step {loop.step} of {run.total_steps}).", markup=False, soft_wrap=True)
     save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
     log = MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None)
-    batches = epoch_batches(lengths, t.batch_size, cfg.seed, loop.epoch, t.group_by_length)
+    batches = run.epoch_batches(lengths, loop.epoch)
 
     def next_batch() -> dict[str, torch.Tensor]:
         nonlocal batches
         if loop.position >= len(batches):
             loop.epoch, loop.position = loop.epoch + 1, 0
-            batches = epoch_batches(lengths, t.batch_size, cfg.seed, loop.epoch, t.group_by_length)
+            batches = run.epoch_batches(lengths, loop.epoch)
         idx = batches[loop.position]
         loop.position += 1
         return run.collator([run.data.train[i] for i in idx])
@@ -206,7 +235,8 @@ def train_loop(run: Run) -> dict[str, Any]:
             n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
             step_loss = torch.zeros((), device=run.device)
             for batch in micro:
-                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
                 with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
                     outputs = model(**model_inputs(batch))
                     loss_sum, _ = task_loss(outputs.logits, batch["labels"], run.data.task)
@@ -217,8 +247,9 @@ def train_loop(run: Run) -> dict[str, Any]:
                 memory.sample()  # activations are alive here: the high-water mark of a step
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
-                loop.tokens += int(batch["attention_mask"].sum())
-                window_tokens += int(batch["attention_mask"].sum())
+                tokens = real_tokens(batch)
+                loop.tokens += tokens
+                window_tokens += tokens
             value = float(step_loss)
             bad = None if math.isfinite(value) else f"The loss became {value}"
             if bad is None:
@@ -311,6 +342,11 @@ def train_loop(run: Run) -> dict[str, Any]:
 MAX_NAN_IN_A_ROW = 25  # with skip_nan_batches: this many bad steps in a row means the weights diverged
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are not padding (a packed row has none)."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def task_loss_targets(labels: torch.Tensor, task: str) -> int:
     """Number of targets in a batch: examples (classification) or predicted tokens (causal LM)."""
     if task == "seq_cls":
@@ -319,7 +355,7 @@ def task_loss_targets(labels: torch.Tensor, task: str) -> int:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    return evaluate_examples(run.model, run.data.eval, run.collator, run.data.task, run.device,
+    return evaluate_examples(run.model, run.data.eval, run.eval_collator, run.data.task, run.device,
                              run.trainer.eval_batch_size or run.trainer.batch_size * 2, run.autocast_dtype)
 
 

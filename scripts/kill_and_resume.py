@@ -2,6 +2,7 @@
 
     python scripts/kill_and_resume.py                      # lora qlora full adalora prefix_tuning
     python scripts/kill_and_resume.py --methods lora,full --steps 16 --seed 7 --keep /tmp/kr
+    python scripts/kill_and_resume.py --methods lora --extra trainer.packing=true   # overrides for every run
 
 For each method it runs, on the CPU with a tiny Llama (12 steps over 10 examples, so the data order
 crosses epoch boundaries; a checkpoint every 2 steps, the last 2 kept):
@@ -54,8 +55,8 @@ def env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def train_args(method: str, steps: int) -> list[str]:
-    return ["train", f"method={method}", *BASE, f"trainer.max_steps={steps}"]
+def train_args(method: str, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["train", f"method={method}", *BASE, f"trainer.max_steps={steps}", *extra]
 
 
 def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -170,7 +171,7 @@ def compare(ref: Path, got: Path, resumed_from: int) -> tuple[float, float, int,
 
 
 def kill_and_resume(method: str, workdir: Path, steps: int, rng: random.Random, attempts: int = 3,
-                    damage_latest: bool = False) -> Result:
+                    damage_latest: bool = False, extra: tuple[str, ...] = ()) -> Result:
     """Steps 2 and 3 for one method: kill after a checkpoint, then resume=auto.
 
     ``damage_latest``: kill after two checkpoints exist and truncate the newest before resuming;
@@ -178,7 +179,7 @@ def kill_and_resume(method: str, workdir: Path, steps: int, rng: random.Random, 
     """
     res = Result(method)
     start = time.monotonic()
-    args = train_args(method, steps)
+    args = train_args(method, steps, extra)
     try:
         for attempt in range(attempts):
             out = workdir / f"{method}-killed-{attempt}"
@@ -217,14 +218,15 @@ def kill_and_resume(method: str, workdir: Path, steps: int, rng: random.Random, 
     return res
 
 
-def reference_runs(methods: list[str], workdir: Path, steps: int) -> dict[str, tuple[Path, str]]:
+def reference_runs(methods: list[str], workdir: Path, steps: int,
+                   extra: tuple[str, ...] = ()) -> dict[str, tuple[Path, str]]:
     """Uninterrupted runs: one `ftune train -m method=a,b,..` sweep (one process: imports paid once).
 
     A method whose sweep job left no adapter (the sweep stopped early) gets a run of its own.
     Returns {method: (run directory, problem or "")}.
     """
     sweep = workdir / "reference"
-    done = run(["train", "-m", f"method={','.join(methods)}", *BASE, f"trainer.max_steps={steps}",
+    done = run(["train", "-m", f"method={','.join(methods)}", *BASE, f"trainer.max_steps={steps}", *extra,
                 f"output_dir={sweep}"], timeout=900)
     refs = {}
     for i, m in enumerate(methods):
@@ -233,7 +235,7 @@ def reference_runs(methods: list[str], workdir: Path, steps: int) -> dict[str, t
             refs[m] = (out, "")
             continue
         out = workdir / f"{m}-reference"
-        single = run([*train_args(m, steps), f"output_dir={out}"])
+        single = run([*train_args(m, steps, extra), f"output_dir={out}"])
         refs[m] = (out, "" if single.returncode == 0 else
                    f"reference run failed (exit {single.returncode}): {(single.stdout + single.stderr).strip()[-1500:]}")
     if done.returncode != 0:
@@ -265,13 +267,13 @@ class Matrix:
     """Reference sweep plus kill-and-resume of every method, submitted to ``pool`` (run concurrently)."""
 
     def __init__(self, pool: Executor, methods: list[str], workdir: Path, steps: int = 12, seed: int | None = None,
-                 damage: tuple[str, ...] = DAMAGE):
+                 damage: tuple[str, ...] = DAMAGE, extra: tuple[str, ...] = ()):
         self.methods, self.workdir, self.steps = list(methods), workdir, steps
         self.seed = random.randrange(10**6) if seed is None else seed
         workdir.mkdir(parents=True, exist_ok=True)
-        self.refs = pool.submit(reference_runs, self.methods, workdir, steps) if self.methods else None
+        self.refs = pool.submit(reference_runs, self.methods, workdir, steps, extra) if self.methods else None
         self.kills = {m: pool.submit(kill_and_resume, m, workdir, steps, random.Random(f"{self.seed}-{m}"),
-                                     damage_latest=m in damage) for m in self.methods}
+                                     damage_latest=m in damage, extra=extra) for m in self.methods}
         self.done: dict[str, Result] = {}
 
     def reference(self, method: str) -> tuple[Path, str]:
@@ -287,10 +289,10 @@ class Matrix:
 
 
 def run_matrix(methods: list[str], workdir: Path, steps: int = 12, seed: int | None = None,
-               jobs: int = 2, damage: tuple[str, ...] = DAMAGE) -> list[Result]:
+               jobs: int = 2, damage: tuple[str, ...] = DAMAGE, extra: tuple[str, ...] = ()) -> list[Result]:
     """Reference, kill and resume for every method, ``jobs`` processes at a time; one Result each."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        matrix = Matrix(pool, methods, workdir, steps, seed, damage)
+        matrix = Matrix(pool, methods, workdir, steps, seed, damage, extra)
         print(f"kill_and_resume: seed={matrix.seed} steps={steps} workdir={workdir}", file=sys.stderr)
         return [matrix.result(m) for m in methods]
 
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
     p.add_argument("--damage", default=",".join(DAMAGE),
                    help="methods whose newest checkpoint is truncated after the kill (default: %(default)s)")
+    p.add_argument("--extra", nargs="*", default=[], help="config overrides added to every run, e.g. trainer.packing=true")
     a = p.parse_args(argv)
 
     from ftune.methods import METHODS as REGISTERED
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in methods if m in REGISTERED]
     workdir = a.keep or Path(tempfile.mkdtemp(prefix="ftune-kill-"))
     try:
-        results = run_matrix(methods, workdir, a.steps, a.seed, a.jobs, tuple(a.damage.split(",")))
+        results = run_matrix(methods, workdir, a.steps, a.seed, a.jobs, tuple(a.damage.split(",")), tuple(a.extra))
     finally:
         if a.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)

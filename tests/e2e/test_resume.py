@@ -143,12 +143,15 @@ def runs(request, tmp_path_factory):
         if "test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly" in selected and "lora" not in methods:
             methods = ["lora"]
         matrix = kr.Matrix(pool, methods, workdir, STEPS)
+        packed = (kr.Matrix(pool, ["lora"], workdir / "packed", STEPS, damage=(), extra=("trainer.packing=true",))
+                  if "test_sigkill_then_resume_auto_is_exact_with_packing" in selected else None)
         jobs = {}
         for name, job in (("test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly", signal_chain),
                           ("test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint", nan_failure),
                           ("test_skip_nan_batches_skips_and_counts_them", nan_skip)):
             if name in selected:
                 jobs[job.__name__] = pool.submit(job, workdir)
+        jobs["packed"] = packed
         yield matrix, jobs
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -164,6 +167,18 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(runs, method):
     assert res.ok, f"{res.problem} (kill seed {res.seed}; kill at step {res.killed_at}, checkpoints {res.checkpoints_at_kill})"
     assert res.killed_at >= kr.SAVE_EVERY and res.checkpoints_at_kill
     assert res.weight_diff <= 1e-6 and res.loss_diff <= 1e-6 and res.steps_compared >= 1
+
+
+def test_sigkill_then_resume_auto_is_exact_with_packing(runs):
+    """trainer.packing=true: the packed rows of every epoch are rebuilt the same on resume."""
+    _, jobs = runs
+    res = jobs["packed"].result("lora")
+    print(kr.HEADER)
+    print(res.row())
+    assert res.ok, f"{res.problem} (kill seed {res.seed}; kill at step {res.killed_at}, checkpoints {res.checkpoints_at_kill})"
+    assert res.weight_diff <= 1e-6 and res.loss_diff <= 1e-6 and res.steps_compared >= 1
+    rows = kr.logged_steps(res.out / "metrics.jsonl")
+    assert rows[-1]["epoch"] > 1  # the run crossed an epoch boundary
 
 
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly(runs):
