@@ -88,11 +88,13 @@ def _train_job(cfg) -> float | None:
         sys.exit(e.exit_code)
     save_library_log(Path(cfg.output_dir))
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
-    key = "eval/accuracy" if "eval/accuracy" in metrics else "eval/loss"
-    if key not in metrics:  # no eval split: say so rather than print nan
+    key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
+    if key is None:  # no eval split: say so rather than print nan
         console.print(f"[bold green]done[/] (no eval split; set dataset.eval_fraction to get one)   run: {cfg.output_dir}")
         return None
-    console.print(f"[bold green]done[/] {key} = {metrics[key]:.4f}   run: {cfg.output_dir}")
+    before = metrics.get(key.replace("eval/", "eval_before/", 1))
+    console.print(f"[bold green]done[/] {key} = {metrics[key]:.4f}"
+                  + (f" (before training {before:.4f})" if before is not None else "") + f"   run: {cfg.output_dir}")
     return metrics[key]
 
 

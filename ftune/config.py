@@ -108,6 +108,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
     eval_every: Optional[int] = None
+    eval_scorer: Optional[str] = None  # causal LM: exact_match | gsm8k, greedy answers scored at the final eval
+    eval_before: bool = False  # evaluate (and score) the model before training too: eval_before/* metrics
+    eval_max_new_tokens: int = 32  # eval_scorer: tokens generated per answer
     log_every: int = 10
     max_grad_norm: Optional[float] = 1.0
     activation_checkpointing: bool = False

@@ -414,9 +414,6 @@ def _confusion_table(matrix: list[list[int]], label_names: list[str]):
 def score_generations(model, tokenizer, data_cfg, max_length: int, seed: int, chat_template: str | None,
                       split: str, e, device: torch.device, metrics: dict[str, Any]) -> list[dict]:
     """Greedy answers to the eval prompts, scored with ``e.scorer``; adds eval/<scorer> to ``metrics``."""
-    from ftune.generate import generate_ids, stop_text
-    from ftune.progress import console
-
     if data_cfg.format not in ("instruction", "chat"):
         raise FtuneError(
             f"eval.scorer={e.scorer} generates answers to prompts, which needs an instruction or chat dataset; "
@@ -425,19 +422,38 @@ def score_generations(model, tokenizer, data_cfg, max_length: int, seed: int, ch
     # the prompts as training formatted them, with the answer as the only target
     scored_cfg = replace(data_cfg, train_on_prompt=False)
     examples, _, _ = eval_examples(scored_cfg, tokenizer, max_length, seed, chat_template, split, e.max_samples)
+    scores, rows = score_examples(model, tokenizer, examples, e.scorer, int(e.max_new_tokens), int(e.batch_size),
+                                  device, data_cfg.name)
+    metrics.update({f"eval/{k}": v for k, v in scores.items()})
+    return rows
+
+
+def score_examples(model, tokenizer, examples: list[dict], scorer: str, max_new_tokens: int, batch_size: int,
+                   device: torch.device, name: str = "the eval set") -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to encoded causal-LM examples' prompts, scored against their answers with ``scorer``.
+
+    Returns ({scorer: share correct, "scored": count}, one row per example with prompt, prediction and
+    verdict). The model is put in eval mode; the caller puts it back into training mode if needed.
+    """
+    from ftune.generate import generate_ids, stop_text
+    from ftune.progress import console
+
     pairs = [p for p in (prompt_and_reference(x) for x in examples) if p is not None]
     if not pairs:
-        raise FtuneError(f"No eval example of '{data_cfg.name}' has a prompt and an answer to score.")
-    with console.status(f"Generating {len(pairs)} answers (greedy, max_new_tokens={e.max_new_tokens})"):
-        outputs = generate_ids(model, tokenizer, [p for p, _ in pairs], max_new_tokens=int(e.max_new_tokens),
-                               batch_size=int(e.batch_size), device=device, temperature=0.0)
+        raise FtuneError(
+            f"No example of {name} has a prompt and an answer to score (with dataset.train_on_prompt=true the "
+            f"whole text is the target). Score an instruction or chat dataset, or drop the scorer."
+        )
+    model.eval()
+    with console.status(f"Generating {len(pairs)} answers (greedy, max_new_tokens={max_new_tokens})"):
+        outputs = generate_ids(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, device=device, temperature=0.0)
     predictions = [stop_text(tokenizer.decode(o, skip_special_tokens=True), tokenizer) for o in outputs]
     references = [stop_text(tokenizer.decode(r, skip_special_tokens=True), tokenizer) for _, r in pairs]
-    correct = score_answers(predictions, references, e.scorer)
-    metrics[f"eval/{e.scorer}"] = sum(correct) / len(correct)
-    metrics["eval/scored"] = len(correct)
-    return [
+    correct = score_answers(predictions, references, scorer)
+    rows = [
         {"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r, "prediction": pred,
-         "answer": extract_answer(pred, e.scorer), "expected": extract_answer(r, e.scorer), "correct": c}
+         "answer": extract_answer(pred, scorer), "expected": extract_answer(r, scorer), "correct": c}
         for (p, _), r, pred, c in zip(pairs, references, predictions, correct, strict=True)
     ]
+    return {scorer: sum(correct) / len(correct), "scored": len(correct)}, rows

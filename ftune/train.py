@@ -35,7 +35,7 @@ from ftune.config import (
 from ftune.data import DataBundle, build_data, task_of
 from ftune.data.collate import Collator, epoch_batches
 from ftune.errors import FtuneError, TrainingFailed
-from ftune.evaluate import evaluate_examples, model_inputs, task_loss
+from ftune.evaluate import SCORERS, evaluate_examples, model_inputs, score_examples, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
@@ -142,6 +142,7 @@ def setup(cfg: DictConfig) -> Run:
     method = build_method(cfg.method)  # validates method settings before any loading
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
+    check_scoring(trainer, task, bool(data_cfg.eval_path or data_cfg.eval_split or data_cfg.eval_fraction))
     if trainer.packing:
         check_packing_settings(task)
     device = resolve_device(trainer.device)
@@ -227,6 +228,11 @@ def train_loop(run: Run) -> dict[str, Any]:
     nan_in_a_row, saved_at = 0, None
     progress = TrainProgress(run.total_steps, enabled=t.progress)
     memory = MemoryMeter(run.device)
+    if t.eval_before and ckpt is None:  # the model before any training step: the baseline of this run
+        before = {k.replace("eval/", "eval_before/", 1): v for k, v in evaluate(run, score=True).items()}
+        log.log({"step": 0, **before})
+        console.print("[green]before training[/]: " + "  ".join(
+            f"{k.split('/', 1)[1]} {v:.4f}" for k, v in before.items() if isinstance(v, float)))
     progress.start(loop.step)
     try:
         while loop.step < run.total_steps:
@@ -321,8 +327,11 @@ def train_loop(run: Run) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     if run.data.eval:
-        metrics.update(evaluate(run))
+        metrics.update(evaluate(run, score=True))
         log.log({"step": loop.step, **metrics})
+    # the base model's scores (step 0), also when this run resumed from a checkpoint
+    metrics.update({k: v for row in read_metrics(log.path) if row.get("step") == 0
+                    for k, v in row.items() if k.startswith("eval_before/")})
     trainable, total = trainable_parameters(model)
     metrics.update({
         "trainable_params": trainable,
@@ -354,9 +363,32 @@ def task_loss_targets(labels: torch.Tensor, task: str) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    return evaluate_examples(run.model, run.data.eval, run.eval_collator, run.data.task, run.device,
-                             run.trainer.eval_batch_size or run.trainer.batch_size * 2, run.autocast_dtype)
+def evaluate(run: Run, score: bool = False) -> dict[str, float]:
+    """Loss (and accuracy) on the eval split; with ``score``, also ``trainer.eval_scorer`` on greedy answers."""
+    t = run.trainer
+    batch_size = t.eval_batch_size or t.batch_size * 2
+    metrics = evaluate_examples(run.model, run.data.eval, run.eval_collator, run.data.task, run.device,
+                                batch_size, run.autocast_dtype)
+    if score and t.eval_scorer:
+        was_training = run.model.training
+        scores, _ = score_examples(run.model, run.tokenizer, run.data.eval, t.eval_scorer, t.eval_max_new_tokens,
+                                   batch_size, run.device, f"'{run.cfg.dataset.name}'")
+        run.model.train(was_training)
+        metrics.update({f"eval/{k}": v for k, v in scores.items()})
+    return metrics
+
+
+def check_scoring(t: TrainerConfig, task: str, has_eval: bool) -> None:
+    """trainer.eval_scorer / eval_before need a causal LM and an eval split."""
+    if t.eval_scorer is not None and t.eval_scorer not in SCORERS:
+        raise FtuneError(f"Unknown trainer.eval_scorer '{t.eval_scorer}'; choose one of {', '.join(SCORERS)} "
+                         f"(or null for loss and perplexity only).")
+    if t.eval_scorer is not None and task != "causal_lm":
+        raise FtuneError(f"trainer.eval_scorer={t.eval_scorer} scores generated answers, which needs an instruction "
+                         f"or chat dataset; classification runs report eval/accuracy already. Drop trainer.eval_scorer.")
+    if (t.eval_scorer or t.eval_before) and not has_eval:
+        raise FtuneError("trainer.eval_scorer and trainer.eval_before evaluate on the eval split, and this dataset "
+                         "has none: set dataset.eval_path=<file> or dataset.eval_fraction=0.05.")
 
 
 class MemoryMeter:
