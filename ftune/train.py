@@ -38,6 +38,7 @@ from ftune.errors import FtuneError, TrainingFailed
 from ftune.evaluate import evaluate_examples, model_inputs, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer
+from ftune.models_gguf import resolve_gguf
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
 from ftune.progress import TrainProgress, console, print_header
 
@@ -140,11 +141,12 @@ def setup(cfg: DictConfig) -> Run:
             model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
             pad_token_id=tokenizer.pad_token_id,
         )
+    loaded_from = resolve_gguf(model_cfg)  # where tokenizer and weights came from (a GGUF file's converted folder)
     ctx = MethodContext(
         task=task, model_type=model.config.model_type, head_names=head_names(model, task),
         device=device, compute_dtype=autocast_dtype or torch.float32,
         activation_checkpointing=trainer.activation_checkpointing,
-        tokenizer_path=model_cfg.tokenizer or model_cfg.path,
+        tokenizer_path=loaded_from.tokenizer or loaded_from.path,
     )
     batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // trainer.grad_accum)
