@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tiny_gguf import write_tiny_llama_gguf
 
 import ftune.config
 from ftune import models_gguf
@@ -28,6 +27,7 @@ from ftune.runs import load_run
 from ftune.train import train
 
 from conftest import compose_train
+from tiny_gguf import write_tiny_llama_gguf
 
 pytest.importorskip("gguf")
 FAST = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.max_length=64", "trainer.log_every=1",
