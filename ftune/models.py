@@ -16,6 +16,7 @@ from torch import nn
 
 from ftune.config import ModelConfig
 from ftune.errors import FtuneError
+from ftune.models_gguf import resolve_gguf
 
 TASK_HEADS = ("classifier", "score")  # sequence-classification heads across bert/llama/gpt2/qwen
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +32,12 @@ def _check_local_model_dir(path: str) -> None:
         raise FtuneError(
             f"Model path '{path}' does not exist. Pass `model.path=` a local directory holding "
             f"config.json and *.safetensors, or a Hugging Face hub id such as meta-llama/Llama-3.2-1B."
+        )
+    ggufs = sorted(f.name for f in p.glob("*.gguf")) if p.is_dir() else []
+    if not (p / "config.json").exists() and ggufs:
+        raise FtuneError(
+            f"Model directory '{path}' holds GGUF checkpoints ({', '.join(ggufs[:3])}) but no config.json; choose "
+            f"one with `model.gguf_file={ggufs[0]}` (converted once to a cached safetensors model)."
         )
     if not (p / "config.json").exists():
         raise FtuneError(
@@ -55,6 +62,7 @@ def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token (eos, or unk) set when the tokenizer has none."""
     from transformers import AutoTokenizer
 
+    cfg = resolve_gguf(cfg)  # a GGUF checkpoint: its converted (cached) folder
     source = cfg.tokenizer or cfg.path
     if source is None:
         raise FtuneError(f"Model '{cfg.name}' sets neither `path` nor `tokenizer`; set `model.tokenizer=`.")
@@ -103,6 +111,7 @@ def build_model(
         return model
     if cfg.path is None:
         raise FtuneError(f"Model '{cfg.name}' sets neither `path` nor `config`; set `model.path=`.")
+    cfg = resolve_gguf(cfg)  # a GGUF checkpoint: its converted (cached) folder
     if _is_local(cfg.path):
         _check_local_model_dir(cfg.path)
     if dtype is None:

@@ -38,6 +38,7 @@ from ftune.errors import FtuneError, TrainingFailed
 from ftune.evaluate import SCORERS, evaluate_examples, model_inputs, score_examples, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer
+from ftune.models_gguf import resolve_gguf
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
 from ftune.packing import (
     PackingCollator,
@@ -161,11 +162,12 @@ def setup(cfg: DictConfig) -> Run:
         )
     if trainer.packing:
         check_packing_settings(task, model.config.model_type)
+    loaded_from = resolve_gguf(model_cfg)  # where tokenizer and weights came from (a GGUF file's converted folder)
     ctx = MethodContext(
         task=task, model_type=model.config.model_type, head_names=head_names(model, task),
         device=device, compute_dtype=autocast_dtype or torch.float32,
         activation_checkpointing=trainer.activation_checkpointing,
-        tokenizer_path=model_cfg.tokenizer or model_cfg.path,
+        tokenizer_path=loaded_from.tokenizer or loaded_from.path,
     )
     if trainer.packing:  # rows per epoch vary a little with the shuffle: epoch 0's count sets the schedule
         lengths = [len(e["input_ids"]) for e in data.train]
