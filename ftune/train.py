@@ -28,9 +28,9 @@ from ftune.config import (
     DatasetConfig,
     ModelConfig,
     TrainerConfig,
+    check_settings,
     check_target,
     validate_group,
-    validate_values,
 )
 from ftune.data import DataBundle, build_data, task_of
 from ftune.data.collate import Collator, epoch_batches
@@ -122,8 +122,8 @@ def setup(cfg: DictConfig) -> Run:
     trainer = validate_group(cfg, "trainer")
     model_cfg = validate_group(cfg, "model")
     data_cfg: DatasetConfig = validate_group(cfg, "dataset")
-    validate_values(trainer, float(cfg.optimizer.lr))
     method = build_method(cfg.method)  # validates method settings before any loading
+    check_settings(cfg, trainer, data_cfg, method.settings)  # every numeric range, in one paragraph
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
     device = resolve_device(trainer.device)
@@ -304,6 +304,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     })
     if loop.skipped_nan:
         metrics["skipped_nan_batches"] = loop.skipped_nan
+    metrics.update(run.data.report.metrics())  # data/skipped_rows with dataset.bad_rows=skip
     return metrics
 
 
