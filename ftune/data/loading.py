@@ -247,8 +247,8 @@ def _quote_reason(error: str, start: int, end: int) -> str:
         return (f"a quote opened on line {start} is never closed, so every line after it ran into one field "
                 f"(close the quote, or write a quote inside a quoted field as \"\")")
     if "expected after" in error:
-        return (f"a quoted field that does not end where the field ends ({error}); an unclosed quote merged "
-                f"lines {start}-{end} (write a quote inside a quoted field as \"\")")
+        return (f"an unclosed quote ran lines {start}-{end} together (a quoted field must end at the delimiter; "
+                f"write a quote inside a quoted field as \"\")")
     if "field larger than field limit" in error:
         return f"a field longer than {csv.field_size_limit():,} characters, most likely an unclosed quote"
     return error

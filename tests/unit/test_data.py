@@ -239,7 +239,7 @@ BAD_FILES = [
     ("list-text.jsonl", '{"text": ["a"], "label": "pos"}\n', r"line 1: 'text' is a list, not text"),
     ("unclosed-to-end.csv", 'text,label\ngood,pos\n"bad,neg\nok,neg\nfine,pos\n',
      r"lines 3-5: a quote opened on line 3 is never closed"),
-    ("unclosed-merging.csv", 'text,label\ngood,pos\n"bad,neg\n"ok",neg\nfine,pos\n', r"lines 3-4: a quoted field.*merged"),
+    ("unclosed-merging.csv", 'text,label\ngood,pos\n"bad,neg\n"ok",neg\nfine,pos\n', r"lines 3-4: an unclosed quote ran lines 3-4 together"),
     ("too-many-fields.csv", "text,label\ngood,pos\nbad, really bad,neg\nok,neg\n",
      r"line 3: 3 fields where the header has 2 \(a ',' inside a field that is not quoted\?\)"),
     ("too-few-fields.csv", "text,label\ngood,pos\nbad\nok,neg\n", r"line 3: 1 fields where the header has 2"),
