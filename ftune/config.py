@@ -3,7 +3,9 @@
 Hydra composes ``configs/train.yaml`` with one option from each group (model, dataset, method,
 optimizer, scheduler, trainer). Overrides of keys that do not exist already fail in Hydra (struct
 mode); the dataclasses below add type checks, so ``trainer.batch_size=abc`` or a misspelt key in a
-YAML file fail before any model is loaded.
+YAML file fail before any model is loaded. Every numeric field also carries its valid ``Range``
+(``ranged(default, POSITIVE)``), and ``check_settings`` refuses every value outside it (and NaN/inf)
+in one paragraph, with the optimizer and scheduler keys of ``TARGET_RANGES``.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def decode(path: Path, encoding: str = "auto") -> str:
 
 def _lines(text: str) -> list[str]:
     """Physical lines (\\n, \\r\\n or \\r), not str.splitlines, which also splits at U+2028 inside JSON strings."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines  # the last line's newline ends it; it starts none
 
 
 def _kind(value) -> str:
@@ -196,6 +197,10 @@ def _read_json_array(text: str, table: Table) -> None:
 
 
 def _read_csv(text: str, table: Table, delimiter: str | None, tsv: bool) -> None:
+    first = text.split("\n", 1)[0].rstrip("\r")
+    excel_sep = first[4:] if first.lower().startswith("sep=") and len(first) == 5 else None  # Excel's "sep=;" line
+    if excel_sep:
+        delimiter = delimiter or excel_sep
     sep = delimiter or ("\t" if tsv else ",")
     # TSV files in the wild (GLUE) carry literal quotes: read them as text, not quoting. For CSV, strict
     # quoting turns an unclosed quote (which would swallow the lines after it) into an error on that row.
@@ -216,6 +221,8 @@ def _read_csv(text: str, table: Table, delimiter: str | None, tsv: bool) -> None
             table.bad.append(BadRow(start, _quote_reason(str(e), start, last), last))
             continue
         last = reader.line_num
+        if excel_sep and start == 1:
+            continue
         if not any(f.strip() for f in record):  # a blank line, or a spreadsheet row of empty cells
             table.blank += 1
             continue
@@ -330,7 +337,10 @@ def read_local(path_str: str, encoding: str = "auto", delimiter: str | None = No
         elif suffix in (".csv", ".tsv"):
             from ftune.config import delimiter_char
 
-            _read_csv(text, table, delimiter_char(delimiter) if delimiter else None, suffix == ".tsv")
+            sep = delimiter_char(delimiter) if delimiter else None
+            if sep is not None and len(sep) != 1:
+                raise FtuneError(f"dataset.delimiter must be one character, e.g. ';' or '\\t' (got '{delimiter}').")
+            _read_csv(text, table, sep, suffix == ".tsv")
         else:
             _read_txt(text, table)
     except LookupError:

@@ -324,14 +324,15 @@ def test_instruction_rows_from_pandas_keep_an_empty_input_empty(tmp_path, tiny_t
 def test_blank_lines_in_jsonl_are_ignored_and_counted(tmp_path, bert_tok):
     lines = [json.dumps(r) for r in ROWS]
     bundle = cls(tmp_path, "d.jsonl", lines[0] + "\n\n   \n" + "\n".join(lines[1:]) + "\n", bert_tok)
-    assert len(bundle.train) == 3 and bundle.report.parts["train"].blank == 3  # the last newline ends a line
+    assert len(bundle.train) == 3 and bundle.report.parts["train"].blank == 2
+    assert cls(tmp_path, "d.jsonl", "\n".join(lines) + "\n", bert_tok).report.header_lines() == []
 
 
 def test_text_format_empty_rows_are_blank_lines_not_bad_rows(tmp_path, tiny_tok):
     (tmp_path / "d.jsonl").write_text('{"text": "one two"}\n{"text": ""}\n{"text": "three four"}\n')
     cfg = DatasetConfig(name="t", format="text", path=str(tmp_path / "d.jsonl"))
     bundle = build_data(cfg, tiny_tok, max_length=16)
-    assert len(bundle.train) == 2 and bundle.report.parts["train"].blank == 2
+    assert len(bundle.train) == 2 and bundle.report.parts["train"].blank == 1
 
 
 def test_chat_rows_without_an_assistant_turn_are_bad_and_json_text_messages_are_read(tmp_path, tiny_tok):
@@ -351,6 +352,8 @@ def test_semicolon_file_reads_with_dataset_delimiter(tmp_path, bert_tok):
     assert bundle.label_names == ["neg", "pos"] and len(bundle.train) == 3
     bundle = cls(tmp_path, "d.txt.csv", CSV.replace(",", "\t"), bert_tok, delimiter="\\t")
     assert len(bundle.train) == 3
+    bundle = cls(tmp_path, "d.csv", "sep=;\r\n" + CSV.replace(",", ";"), bert_tok)  # Excel's separator line
+    assert len(bundle.train) == 3 and bundle.report.header_lines() == []
 
 
 def test_quoted_newlines_in_a_field_are_one_row(tmp_path, bert_tok):
