@@ -124,6 +124,8 @@ def setup(cfg: DictConfig) -> Run:
     data_cfg: DatasetConfig = validate_group(cfg, "dataset")
     method = build_method(cfg.method)  # validates method settings before any loading
     check_settings(cfg, trainer, data_cfg, method.settings)  # every numeric range, in one paragraph
+    check_target(cfg.optimizer, "optimizer")
+    check_target(cfg.scheduler, "scheduler")
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
     device = resolve_device(trainer.device)
@@ -155,7 +157,6 @@ def setup(cfg: DictConfig) -> Run:
     model.train()
 
     optimizer = build_optimizer(cfg, method, model, device)
-    check_target(cfg.scheduler, "scheduler")
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     collator = Collator(tokenizer.pad_token_id, task)
