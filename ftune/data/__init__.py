@@ -67,7 +67,7 @@ def _no_rows(table: Table, what: str) -> FtuneError:
         return FtuneError(f"Every row of '{table.source}' is bad ({len(table.bad)} skipped with "
                           f"dataset.bad_rows=skip, e.g. {table.where(table.bad[0])}: {table.bad[0].reason}): there is "
                           f"{what}. Fix the file.")
-    if table.columns and table.unit == "line" and not table.blank:
+    if table.columns and table.source.lower().endswith((".csv", ".tsv")):
         return FtuneError(f"Data file '{table.source}' has a header ({', '.join(table.columns)}) but no rows: "
                           f"there is {what}. Check that the rows were saved.")
     return FtuneError(f"Dataset '{table.source}' is empty: there is {what}. Check the file or the split name.")

@@ -96,7 +96,7 @@ def required_columns(cfg: DatasetConfig) -> list[str]:
 
 
 def require_columns(found: list[str], columns: list[str], what: str, source: str) -> None:
-    """Refuse a source that has none of a needed column, naming the columns it has."""
+    """Refuse a source that lacks a needed column in every row, naming the columns it has."""
     missing = [c for c in columns if c not in found]
     if missing:
         spare = [c for c in found if c not in columns] or found  # suggest columns not already in use

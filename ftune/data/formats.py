@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ftune.config import DatasetConfig
+from ftune.data.checks import label_id, normalize_label, require_columns
 from ftune.errors import FtuneError
 
 IGNORE = -100
@@ -50,8 +51,6 @@ class EncodeStats:
 
 
 def _require_columns(rows: list[dict], columns: list[str], what: str, source: str) -> None:
-    from ftune.data.checks import require_columns
-
     require_columns(list(rows[0].keys()), columns, what, source)
 
 
@@ -78,8 +77,6 @@ def encode_classification(rows, cfg: DatasetConfig, tokenizer, max_length: int, 
                           source: str) -> tuple[list[dict], EncodeStats]:
     cols = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     _require_columns(rows, cols, "classification", source)
-    from ftune.data.checks import label_id, normalize_label
-
     labels = []
     for n, r in enumerate(rows):
         label = label_id(normalize_label(r[cfg.label_column])[0], label_names, bool(cfg.label_names))
