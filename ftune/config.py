@@ -3,14 +3,17 @@
 Hydra composes ``configs/train.yaml`` with one option from each group (model, dataset, method,
 optimizer, scheduler, trainer). Overrides of keys that do not exist already fail in Hydra (struct
 mode); the dataclasses below add type checks, so ``trainer.batch_size=abc`` or a misspelt key in a
-YAML file fail before any model is loaded.
+YAML file fail before any model is loaded. Every numeric field also carries its valid ``Range``
+(``ranged(default, POSITIVE)``), and ``check_settings`` refuses every value outside it (and NaN/inf)
+in one paragraph, with the optimizer and scheduler keys of ``TARGET_RANGES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -62,6 +65,77 @@ if not OmegaConf.has_resolver("pkg_path"):
     OmegaConf.register_new_resolver("pkg_path", package_path)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: ``low``/``high`` bounds, each inclusive unless ``*_open``.
+
+    Attached to a schema field as ``metadata={"range": Range(...)}`` (see :func:`ranged`); ``null`` says
+    what a null value means for settings that may be null.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    null: str | None = None
+
+    def problem(self, key: str, value: Any) -> str | None:
+        """Why ``value`` is not valid for ``key``, or None if it is."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        ok = math.isfinite(value) and not (
+            self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        ) and not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+        if ok:
+            return None
+        return f"{key} must be {self.text()}" + (f", or null {self.null}" if self.null else "") + f" (got {value})"
+
+    def text(self) -> str:
+        if self.low == 0 and self.low_open and self.high is None:
+            return "positive"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'above' if self.low_open else 'at least'} {_num(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {_num(self.high)}")
+        return " and ".join(parts) or "a finite number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+POSITIVE = Range(0, low_open=True)
+NOT_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)  # 0 <= x <= 1
+PROBABILITY = Range(0, 1, high_open=True)  # dropout-like: 0 <= p < 1
+
+
+def ranged(default: Any, valid: Range, null: str | None = None) -> Any:
+    """A dataclass field whose value must lie in ``valid`` (checked by :func:`range_problems`)."""
+    if null:
+        valid = dataclasses.replace(valid, null=null)
+    return field(default=default, metadata={"range": valid})
+
+
+def range_problems(settings: Any, prefix: str) -> list[str]:
+    """Every out-of-range or non-finite numeric field of a dataclass instance, as ``prefix.key must ...``."""
+    problems = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        valid = f.metadata.get("range", Range())
+        problems += _value_problems(f"{prefix}.{f.name}", value, valid)
+    return problems
+
+
+def _value_problems(key: str, value: Any, valid: Range) -> list[str]:
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [p for i, v in enumerate(value) for p in _value_problems(f"{key}[{i}]", v, valid)]
+    problem = valid.problem(key, value)
+    return [problem] if problem else []
+
+
 @dataclass
 class ModelConfig:
     name: str = "???"
@@ -77,6 +151,9 @@ class ModelConfig:
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside `path`: converted once to a cached model folder
 
 
+BAD_ROWS = ("error", "skip")
+
+
 @dataclass
 class DatasetConfig:
     name: str = "???"
@@ -86,9 +163,13 @@ class DatasetConfig:
     split: str = "train"
     eval_split: Optional[str] = None
     eval_path: Optional[str] = None
-    eval_fraction: Optional[float] = None
-    max_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    eval_fraction: Optional[float] = ranged(None, Range(0, 1, True, True), "for no held-out part")
+    max_samples: Optional[int] = ranged(None, AT_LEAST_1, "for all rows")
+    max_eval_samples: Optional[int] = ranged(None, AT_LEAST_1, "for all rows")
+    # reading local files
+    encoding: str = "auto"  # auto: UTF-8, or UTF-8/16/32 as a byte-order mark says; else a Python codec name
+    delimiter: Optional[str] = None  # CSV/TSV field separator; null: "," for .csv, tab for .tsv
+    bad_rows: str = "error"  # error: refuse a file with bad rows | skip: train without them, counted
     # classification
     text_column: str = "text"
     text_pair_column: Optional[str] = None
@@ -109,27 +190,27 @@ class DatasetConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: float = 1.0
-    max_steps: Optional[int] = None
-    batch_size: int = 16
-    eval_batch_size: Optional[int] = None
-    grad_accum: int = 1
-    max_length: int = 512
+    epochs: float = ranged(1.0, POSITIVE)  # checked even when max_steps wins: a negative count is a typo
+    max_steps: Optional[int] = ranged(None, AT_LEAST_1, "to train for trainer.epochs")
+    batch_size: int = ranged(16, AT_LEAST_1)
+    eval_batch_size: Optional[int] = ranged(None, AT_LEAST_1, "for 2 x batch_size")
+    grad_accum: int = ranged(1, AT_LEAST_1)
+    max_length: int = ranged(512, Range(8))
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
-    eval_every: Optional[int] = None
+    eval_every: Optional[int] = ranged(None, AT_LEAST_1, "to evaluate once at the end")
     eval_scorer: Optional[str] = None  # causal LM: exact_match | gsm8k, greedy answers scored at the final eval
     eval_before: bool = False  # evaluate (and score) the model before training too: eval_before/* metrics
-    eval_max_new_tokens: int = 32  # eval_scorer: tokens generated per answer
-    log_every: int = 10
-    max_grad_norm: Optional[float] = 1.0
+    eval_max_new_tokens: int = ranged(32, AT_LEAST_1)  # eval_scorer: tokens generated per answer
+    log_every: int = ranged(10, AT_LEAST_1)
+    max_grad_norm: Optional[float] = ranged(1.0, POSITIVE, "for no clipping")
     activation_checkpointing: bool = False
     group_by_length: bool = True
     packing: bool = False  # causal LM: join examples into one row per micro-batch, no padding
-    pack_tokens: Optional[int] = None  # tokens per packed row; default batch_size * max_length
-    num_workers: int = 0
-    save_every: Optional[int] = None
-    keep_checkpoints: int = 2
+    pack_tokens: Optional[int] = ranged(None, AT_LEAST_1, "for batch_size x max_length")  # tokens per packed row
+    num_workers: int = ranged(0, NOT_NEGATIVE)
+    save_every: Optional[int] = ranged(None, AT_LEAST_1, "for no checkpoints")
+    keep_checkpoints: int = ranged(2, AT_LEAST_1)
     skip_nan_batches: bool = False
     progress: bool = True
 
@@ -187,21 +268,28 @@ def validate_group(cfg: DictConfig, group: str) -> Any:
         ) from None
 
 
-def validate_values(trainer: TrainerConfig, lr: float) -> None:
-    """Reject values that type-check but cannot train."""
-    problems = []
-    if trainer.batch_size < 1:
-        problems.append(f"trainer.batch_size must be at least 1 (got {trainer.batch_size})")
-    if trainer.grad_accum < 1:
-        problems.append(f"trainer.grad_accum must be at least 1 (got {trainer.grad_accum})")
-    if trainer.max_steps is not None and trainer.max_steps < 1:
-        problems.append(
-            f"trainer.max_steps must be at least 1, or null to train for trainer.epochs (got {trainer.max_steps})"
-        )
-    if trainer.max_steps is None and trainer.epochs <= 0:
-        problems.append(f"trainer.epochs must be positive (got {trainer.epochs})")
-    if trainer.max_length < 8:
-        problems.append(f"trainer.max_length must be at least 8 tokens (got {trainer.max_length})")
+# Settings of the optimizer and scheduler nodes (free-form `_target_` kwargs), where present.
+TARGET_RANGES: dict[str, Range] = {
+    "lr": POSITIVE, "weight_decay": NOT_NEGATIVE, "eps": POSITIVE, "betas": PROBABILITY,
+    "momentum": FRACTION, "dampening": FRACTION, "alpha": NOT_NEGATIVE,
+    "warmup_ratio": FRACTION, "warmup_steps": NOT_NEGATIVE, "min_lr_ratio": FRACTION,
+}
+
+
+def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConfig, method_settings: Any) -> None:
+    """Refuse settings that type-check but cannot train, all in one paragraph, before anything loads.
+
+    Every numeric field of the trainer, dataset and method schemas is checked against its ``Range``
+    (and must be finite); the optimizer and scheduler against ``TARGET_RANGES``; then the few
+    choices that are words.
+    """
+    problems = range_problems(trainer, "trainer") + range_problems(dataset, "dataset")
+    problems += range_problems(method_settings, "method")
+    for group in ("optimizer", "scheduler"):
+        node = cfg.get(group) or {}
+        for key in node:
+            if not str(key).startswith("_"):
+                problems += _value_problems(f"{group}.{key}", node[key], TARGET_RANGES.get(str(key), Range()))
     if trainer.packing and trainer.pack_tokens is not None and trainer.pack_tokens < trainer.max_length:
         problems.append(
             f"trainer.pack_tokens must be at least trainer.max_length ({trainer.max_length}), the longest example, "
@@ -209,10 +297,26 @@ def validate_values(trainer: TrainerConfig, lr: float) -> None:
         )
     if trainer.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"trainer.precision must be auto, fp32, bf16 or fp16 (got '{trainer.precision}')")
-    if not lr > 0:
-        problems.append(f"optimizer.lr must be positive (got {lr})")
+    if dataset.bad_rows not in BAD_ROWS:
+        problems.append(f"dataset.bad_rows must be error or skip (got '{dataset.bad_rows}')")
+    if dataset.encoding != "auto":
+        import codecs
+
+        try:
+            codecs.lookup(dataset.encoding)
+        except LookupError:
+            problems.append(f"dataset.encoding '{dataset.encoding}' is not an encoding Python knows (use auto, "
+                            f"utf-8, utf-16, latin-1, cp1252, ...)")
+    if dataset.delimiter is not None and len(delimiter_char(dataset.delimiter)) != 1:
+        problems.append(f"dataset.delimiter must be one character, e.g. ';' or '\\t' (got '{dataset.delimiter}')")
     if problems:
-        raise FtuneError("Invalid training settings: " + "; ".join(problems) + ".")
+        raise FtuneError("Invalid settings: " + "; ".join(problems) + ". Fix them on the command line or in the "
+                         "YAML under configs/.")
+
+
+def delimiter_char(delimiter: str) -> str:
+    """``dataset.delimiter`` as one character: a literal, or the words/escapes for a tab."""
+    return "\t" if delimiter in ("\\t", "tab", "TAB") else delimiter
 
 
 # Optimizers and lr schedules only: not all of `transformers.` (its dynamic_module_utils loads code from the

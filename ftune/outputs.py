@@ -7,7 +7,8 @@
       labels.json      class names in id order (classification)
       metrics.jsonl    one JSON object per logging step: step, loss, lr, tokens_per_s (+ eval rows)
       metrics.json     final metrics: eval/*, trainable_params, total_params, trainable_percent,
-                       train_runtime_s, tokens_per_s, peak_memory_mb
+                       train_runtime_s, tokens_per_s, peak_memory_mb (+ data/skipped_rows with
+                       dataset.bad_rows=skip: the bad rows left out of the data)
       loss.png         training loss (and eval loss) against steps
       README.md        model card: base model, method, data, command, metrics
 """

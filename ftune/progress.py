@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -71,6 +72,8 @@ def print_header(run, params: tuple[int, int]) -> None:
             f"  4-bit NF4: {report['quantization/layers_4bit']} linear layers quantized, {kept} kept in full precision"
             + (f" ({report['quantization/full_precision_reason']})" if kept else "")
         )
+    for line in run.data.report.header_lines():  # rows left out of the data (dataset.bad_rows=skip), blank lines
+        console.print(f"  [yellow]data[/] {escape(line)}", soft_wrap=True)
 
 
 def metrics_table(metrics: dict[str, Any], title: str) -> Table:

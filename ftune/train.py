@@ -28,9 +28,9 @@ from ftune.config import (
     DatasetConfig,
     ModelConfig,
     TrainerConfig,
+    check_settings,
     check_target,
     validate_group,
-    validate_values,
 )
 from ftune.data import DataBundle, build_data, task_of
 from ftune.data.collate import Collator, epoch_batches
@@ -139,8 +139,10 @@ def setup(cfg: DictConfig) -> Run:
     trainer = validate_group(cfg, "trainer")
     model_cfg = validate_group(cfg, "model")
     data_cfg: DatasetConfig = validate_group(cfg, "dataset")
-    validate_values(trainer, float(cfg.optimizer.lr))
     method = build_method(cfg.method)  # validates method settings before any loading
+    check_settings(cfg, trainer, data_cfg, method.settings)  # every numeric range, in one paragraph
+    check_target(cfg.optimizer, "optimizer")
+    check_target(cfg.scheduler, "scheduler")
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
     check_scoring(trainer, task, bool(data_cfg.eval_path or data_cfg.eval_split or data_cfg.eval_fraction))
@@ -184,7 +186,6 @@ def setup(cfg: DictConfig) -> Run:
         check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
 
     optimizer = build_optimizer(cfg, method, model, device)
-    check_target(cfg.scheduler, "scheduler")
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     eval_collator = Collator(tokenizer.pad_token_id, task)
@@ -347,6 +348,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     metrics.update(run.ctx.report)  # what the method reports about the model (e.g. layers kept out of 4-bit)
     if loop.skipped_nan:
         metrics["skipped_nan_batches"] = loop.skipped_nan
+    metrics.update(run.data.report.metrics())  # data/skipped_rows with dataset.bad_rows=skip
     return metrics
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ftune.config import DatasetConfig
+from ftune.data.checks import label_id, normalize_label, require_columns
 from ftune.errors import FtuneError
 
 IGNORE = -100
@@ -50,29 +51,19 @@ class EncodeStats:
 
 
 def _require_columns(rows: list[dict], columns: list[str], what: str, source: str) -> None:
-    found = list(rows[0].keys())
-    missing = [c for c in columns if c not in found]
-    if missing:
-        spare = [c for c in found if c not in columns] or found  # suggest columns not already in use
-        hint = " ".join(f"dataset.{_column_key(m)}={c}" for m, c in zip(missing, spare, strict=False))
-        raise FtuneError(
-            f"The {what} data in '{source}' has no column {', '.join(repr(c) for c in missing)}; the columns found "
-            f"are {found}. Map yours with dataset.<x>_column=<name>, e.g. `{hint}`."
-        )
+    require_columns(list(rows[0].keys()), columns, what, source)
 
 
-def _column_key(column: str) -> str:
-    return {"text": "text_column", "label": "label_column", "instruction": "instruction_column",
-            "output": "output_column", "messages": "messages_column", "input": "input_column"}.get(column, "text_column")
+def resolve_labels(cfg: DatasetConfig, train_rows: list[dict]) -> list[str]:
+    """Class names in id order: from the config, else 0..max of integer labels, else the sorted labels.
 
-
-def resolve_labels(cfg: DatasetConfig, train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
-    """Class names in id order: from the config, else sorted string labels, else 0..max int labels."""
+    The rows' labels are already normalised (``ftune.data.checks.normalize_label``): ints or stripped strings.
+    """
     if cfg.label_names:
-        return [str(n) for n in cfg.label_names]
-    values = [r[cfg.label_column] for r in train_rows]
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
-        ints = sorted({int(v) for v in values})
+        return [str(n).strip() for n in cfg.label_names]
+    values = {r[cfg.label_column] for r in train_rows}
+    if all(isinstance(v, int) for v in values):
+        ints = sorted(values)
         if ints[0] < 0:
             raise FtuneError(
                 f"Column '{cfg.label_column}' holds negative labels ({ints[0]}); class ids must be 0..N-1. "
@@ -86,16 +77,15 @@ def encode_classification(rows, cfg: DatasetConfig, tokenizer, max_length: int, 
                           source: str) -> tuple[list[dict], EncodeStats]:
     cols = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     _require_columns(rows, cols, "classification", source)
-    index = {name: i for i, name in enumerate(label_names)}
     labels = []
     for n, r in enumerate(rows):
-        key = str(r[cfg.label_column]).strip()
-        if key not in index:
+        label = label_id(normalize_label(r[cfg.label_column])[0], label_names, bool(cfg.label_names))
+        if label is None:  # (build_data's row checks catch these first, with the line number)
             raise FtuneError(
                 f"Row {n + 1} of '{source}' has label {r[cfg.label_column]!r}, which is not one of the classes "
                 f"{label_names}. Fix the row, or list every class in dataset.label_names."
             )
-        labels.append(index[key])
+        labels.append(label)
     texts = [str(r[cfg.text_column] or "") for r in rows]
     pairs = [str(r[cfg.text_pair_column] or "") for r in rows] if cfg.text_pair_column else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ftune.config import AT_LEAST_1, ranged
 from ftune.errors import FtuneError, MethodNotApplicable
 from ftune.methods.base import Method, MethodContext, MethodSettings, register_method
 
@@ -325,8 +326,8 @@ class InjectedMethod(Method):
 # --- Houlsby and Pfeiffer ------------------------------------------------------------------------
 @dataclass
 class BottleneckSettings(MethodSettings):
-    reduction_factor: int = 16  # bottleneck = hidden_size // reduction_factor ...
-    bottleneck_size: int | None = None  # ... unless set explicitly
+    reduction_factor: int = ranged(16, AT_LEAST_1)  # bottleneck = hidden_size // reduction_factor ...
+    bottleneck_size: int | None = ranged(None, AT_LEAST_1, "for hidden_size // reduction_factor")
     non_linearity: str = "relu"  # relu | gelu | swish | silu | tanh
 
 

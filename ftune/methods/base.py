@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ftune.config import POSITIVE, ranged
 from ftune.errors import FtuneError, MethodNotApplicable
 
 
@@ -40,7 +41,7 @@ class MethodSettings:
     """
 
     name: str = "???"
-    lr: float = 1e-4  # the learning rate this method works well with; optimizer.lr defaults to it
+    lr: float = ranged(1e-4, POSITIVE)  # the learning rate this method works well with; optimizer.lr defaults to it
 
 
 @dataclass

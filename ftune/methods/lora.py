@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ftune.config import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, PROBABILITY, Range, ranged
 from ftune.errors import MethodNotApplicable
 from ftune.methods.base import Method, MethodContext, MethodSettings, register_method
 
@@ -86,9 +87,9 @@ class PeftMethod(Method):
 
 @dataclass
 class LoraSettings(MethodSettings):
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = ranged(8, AT_LEAST_1)
+    alpha: int = ranged(16, POSITIVE)
+    dropout: float = ranged(0.05, PROBABILITY)
     # None: the architecture's attention query/value projections; a list of module names; a regex;
     # or "all-linear" for every linear layer except the output head.
     target_modules: Any | None = None
@@ -271,8 +272,8 @@ class Pissa(Lora):
 
 @dataclass
 class LoraPlusSettings(LoraSettings):
-    loraplus_lr_ratio: float = 16.0  # lr of B / lr of A (η_B / η_A); LoRA+ recommends 2^4
-    loraplus_lr_embedding: float = 1e-6  # lr of LoRA on embedding layers (peft's default)
+    loraplus_lr_ratio: float = ranged(16.0, POSITIVE)  # lr of B / lr of A (η_B / η_A); LoRA+ recommends 2^4
+    loraplus_lr_embedding: float = ranged(1e-6, NOT_NEGATIVE)  # lr of LoRA on embedding layers (peft's default)
 
 
 @register_method("loraplus")
@@ -314,21 +315,21 @@ class LoraPlus(Lora):
 
 @dataclass
 class AdaLoraSettings(MethodSettings):
-    init_r: int = 12  # the rank every target starts with
-    target_r: int = 8  # the average rank left per target after pruning (total budget = target_r × targets)
-    alpha: int = 32
-    dropout: float = 0.05
+    init_r: int = ranged(12, AT_LEAST_1)  # the rank every target starts with
+    target_r: int = ranged(8, AT_LEAST_1)  # the average rank left per target after pruning (total budget = target_r × targets)
+    alpha: int = ranged(32, POSITIVE)
+    dropout: float = ranged(0.05, PROBABILITY)
     target_modules: Any | None = None  # as for lora: None = the attention query/value projections
     # The schedule, relative to the run's real optimizer steps T: tinit warm-up steps at init_r, a cubic
     # budget decrease, then tfinal steps at the final budget. tinit / tfinal (steps) win over the ratios.
-    tinit_ratio: float = 0.1
-    tfinal_ratio: float = 0.2
-    tinit: int | None = None
-    tfinal: int | None = None
-    deltaT: int = 10  # steps between two budget re-allocations
-    beta1: float = 0.85  # EMA of the sensitivity
-    beta2: float = 0.85  # EMA of its uncertainty
-    orth_reg_weight: float = 0.5  # weight of the orthogonality regulariser on P (B) and Q (A)
+    tinit_ratio: float = ranged(0.1, Range(0, 1, high_open=True))
+    tfinal_ratio: float = ranged(0.2, Range(0, 1, high_open=True))
+    tinit: int | None = ranged(None, NOT_NEGATIVE, "for tinit_ratio")
+    tfinal: int | None = ranged(None, NOT_NEGATIVE, "for tfinal_ratio")
+    deltaT: int = ranged(10, AT_LEAST_1)  # steps between two budget re-allocations
+    beta1: float = ranged(0.85, PROBABILITY)  # EMA of the sensitivity
+    beta2: float = ranged(0.85, PROBABILITY)  # EMA of its uncertainty
+    orth_reg_weight: float = ranged(0.5, NOT_NEGATIVE)  # weight of the orthogonality regulariser on P (B) and Q (A)
 
 
 def adalora_schedule(s: AdaLoraSettings, total: int) -> tuple[int, int]:

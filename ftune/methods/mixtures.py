@@ -41,6 +41,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
+from ftune.config import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, PROBABILITY, ranged
 from ftune.errors import MethodNotApplicable
 from ftune.methods.adapters import (
     ArchSpec,
@@ -270,10 +271,10 @@ def add_lora(
 # --- the methods -------------------------------------------------------------------------------------
 @dataclass
 class MamSettings(MethodSettings):
-    prefix_length: int = 30  # prefix vectors per layer (l = 30 in the paper); 0 = no prefix
-    reduction_factor: int = 2  # parallel-adapter bottleneck = hidden_size // reduction_factor ...
-    bottleneck_size: int | None = None  # ... unless set (512 on a 1024-wide model in the paper)
-    scaling: float = 4.0  # s, the parallel adapter's output scale
+    prefix_length: int = ranged(30, NOT_NEGATIVE)  # prefix vectors per layer (l = 30 in the paper); 0 = no prefix
+    reduction_factor: int = ranged(2, AT_LEAST_1)  # parallel-adapter bottleneck = hidden_size // reduction_factor ...
+    bottleneck_size: int | None = ranged(None, AT_LEAST_1, "for hidden_size // reduction_factor")  # (512 on a 1024-wide model in the paper)
+    scaling: float = ranged(4.0, POSITIVE)  # s, the parallel adapter's output scale
     non_linearity: str = "relu"
 
 
@@ -304,12 +305,12 @@ class Mam(PrefixMixture):
 
 @dataclass
 class UniPeltSettings(MethodSettings):
-    prefix_length: int = 10  # 0 = no prefix
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    reduction_factor: int = 16  # adapter bottleneck = hidden_size // reduction_factor ...
-    bottleneck_size: int | None = None  # ... unless set
+    prefix_length: int = ranged(10, NOT_NEGATIVE)  # 0 = no prefix
+    lora_r: int = ranged(8, AT_LEAST_1)
+    lora_alpha: int = ranged(16, POSITIVE)
+    lora_dropout: float = ranged(0.0, PROBABILITY)
+    reduction_factor: int = ranged(16, AT_LEAST_1)  # adapter bottleneck = hidden_size // reduction_factor ...
+    bottleneck_size: int | None = ranged(None, AT_LEAST_1, "for hidden_size // reduction_factor")
     non_linearity: str = "relu"
 
 

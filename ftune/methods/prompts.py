@@ -38,6 +38,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ftune.config import AT_LEAST_1, PROBABILITY, ranged
 from ftune.errors import MethodNotApplicable
 from ftune.methods.base import Method, MethodContext, MethodSettings, register_method
 from ftune.methods.lora import PEFT_TASK, PeftMethod
@@ -186,7 +187,7 @@ class PromptLearning(PeftMethod):
 
 @dataclass
 class PromptTuningSettings(MethodSettings):
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = ranged(20, AT_LEAST_1)
     init: str = "vocab"  # vocab: embeddings of sampled vocabulary tokens | text: of init_text | random
     init_text: str | None = None  # for init=text, e.g. "Classify the sentiment of this review:"
     tokenizer: str | None = None  # for init=text; default: the run's tokenizer
@@ -231,8 +232,8 @@ class PromptTuning(PromptLearning):
 
 @dataclass
 class PrefixTuningSettings(MethodSettings):
-    num_virtual_tokens: int = 20  # prefix length
-    encoder_hidden_size: int = 512  # the reparameterisation MLP's width (512 in Li & Liang 2021)
+    num_virtual_tokens: int = ranged(20, AT_LEAST_1)  # prefix length
+    encoder_hidden_size: int = ranged(512, AT_LEAST_1)  # the reparameterisation MLP's width (512 in Li & Liang 2021)
 
 
 @register_method("prefix_tuning")
@@ -253,11 +254,11 @@ class PrefixTuning(PromptLearning):
 
 @dataclass
 class PtuningSettings(MethodSettings):
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = ranged(20, AT_LEAST_1)
     encoder_type: str = "MLP"  # MLP | LSTM (a bidirectional LSTM, then a 2-layer MLP, as in Liu et al. 2021)
-    encoder_hidden_size: int | None = None  # default: the model's hidden size
-    encoder_num_layers: int = 2  # LSTM layers (the MLP encoder always has 3 linear layers in peft)
-    encoder_dropout: float = 0.0
+    encoder_hidden_size: int | None = ranged(None, AT_LEAST_1, "for the model's hidden size")  # default: the model's hidden size
+    encoder_num_layers: int = ranged(2, AT_LEAST_1)  # LSTM layers (the MLP encoder always has 3 linear layers in peft)
+    encoder_dropout: float = ranged(0.0, PROBABILITY)
 
 
 @register_method("ptuning")
@@ -285,7 +286,7 @@ class Ptuning(PromptLearning):
 
 @dataclass
 class PtuningV2Settings(MethodSettings):
-    num_virtual_tokens: int = 20  # prompt length at every layer
+    num_virtual_tokens: int = ranged(20, AT_LEAST_1)  # prompt length at every layer
 
 
 @register_method("ptuning_v2")

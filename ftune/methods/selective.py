@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ftune.config import NOT_NEGATIVE, ranged
 from ftune.errors import FtuneError, MethodNotApplicable
 from ftune.methods.base import Method, MethodContext, MethodSettings, register_method
 
@@ -80,7 +81,7 @@ class Full(SelectiveMethod):
 
 @dataclass
 class FreezeSettings(MethodSettings):
-    trainable_layers: int = 2  # train the last N transformer blocks
+    trainable_layers: int = ranged(2, NOT_NEGATIVE)  # train the last N transformer blocks
     trainable_patterns: list = field(default_factory=list)  # and parameters matching these globs
     train_final_norm: bool = True  # the norm after the last block
 

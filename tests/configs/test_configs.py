@@ -89,3 +89,59 @@ def test_default_job_is_minilm_lora_on_bundled_sentiment():
     assert (cfg.model.name, cfg.method.name, cfg.dataset.name) == ("minilm", "lora", "sentiment")
     assert Path(cfg.model.path, "model.safetensors").exists()
     assert Path(cfg.dataset.path).exists() and Path(cfg.dataset.eval_path).exists()
+
+
+def _checked(overrides: list[str]):
+    from ftune.config import check_settings
+
+    cfg = compose_train(overrides, Path("/tmp/unused"), small=False)
+    if OmegaConf.is_missing(cfg.dataset, "path"):
+        cfg.dataset.path = "my.jsonl"
+    check_settings(cfg, validate_group(cfg, "trainer"), validate_group(cfg, "dataset"), build_method(cfg.method).settings)
+
+
+@pytest.mark.parametrize("group", ["dataset", "method", "optimizer", "scheduler", "trainer"])
+def test_every_shipped_config_is_within_the_valid_ranges(group):
+    for name in options(group):
+        _checked([f"{group}={name}"] + (["optimizer=sgd"] if group == "scheduler" else []))
+
+
+def test_every_numeric_setting_has_a_valid_range():
+    """A new int/float setting must say its valid values (ftune.config.ranged), so none trains unchecked."""
+    import dataclasses
+
+    from ftune.config import SCHEMAS
+
+    unchecked = []
+    for schema in [*SCHEMAS.values(), *(m.settings_cls for m in METHODS.values())]:
+        for f in dataclasses.fields(schema):
+            numeric = any(t in str(f.type) for t in ("int", "float")) and "bool" not in str(f.type)
+            if numeric and "range" not in f.metadata and f.name not in ("init_seed",):
+                unchecked.append(f"{schema.__name__}.{f.name}")
+    assert not unchecked
+
+
+def test_impossible_numbers_are_all_refused_in_one_paragraph():
+    bad = {"trainer.epochs=-1": "trainer.epochs must be positive", "trainer.max_steps=5": None,
+           "dataset.eval_fraction=1.5": "dataset.eval_fraction must be above 0 and below 1, or null",
+           "trainer.log_every=0": "trainer.log_every must be at least 1",
+           "optimizer.lr=nan": "optimizer.lr must be positive (got nan)",
+           "trainer.max_grad_norm=0": "trainer.max_grad_norm must be positive, or null for no clipping",
+           "trainer.keep_checkpoints=0": "keep_checkpoints must be at least 1",
+           "trainer.num_workers=-1": "trainer.num_workers must be at least 0",
+           "trainer.eval_every=0": "trainer.eval_every must be at least 1",
+           "scheduler.warmup_ratio=1.5": "scheduler.warmup_ratio must be at least 0 and at most 1",
+           "optimizer.weight_decay=-0.1": "optimizer.weight_decay must be at least 0",
+           "optimizer.betas=[0.9,1.5]": "optimizer.betas[1] must be at least 0 and below 1",
+           "dataset.max_samples=0": "dataset.max_samples must be at least 1", "method.r=0": "method.r must be at least 1",
+           "method.dropout=1.0": "method.dropout must be at least 0 and below 1",
+           "scheduler.min_lr_ratio=inf": "scheduler.min_lr_ratio must be at least 0 and at most 1 (got inf)",
+           "dataset.bad_rows=ignore": "dataset.bad_rows must be error or skip",
+           "dataset.encoding=klingon": "dataset.encoding 'klingon' is not an encoding",
+           "dataset.delimiter=ab": "dataset.delimiter must be one character"}
+    with pytest.raises(FtuneError) as err:
+        _checked(["method=lora", "dataset=classification", *bad])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("Invalid settings: ")
+    for expected in filter(None, bad.values()):
+        assert expected in message

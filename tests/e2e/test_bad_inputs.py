@@ -82,6 +82,16 @@ def data_case(id: str, make: Callable[[Path], list[str]], expect: list[str], cod
     return Case(id, lambda d, run: ["train", *TINY, *make(d), f"output_dir={d / 'out'}"], expect, code=code)
 
 
+def file_case(id: str, name: str, text: str, expect: list[str], args: list[str] = CLS) -> Case:
+    """A data case whose training file ``name`` holds ``text`` (classification on tiny_bert unless ``args``)."""
+
+    def make(d: Path) -> list[str]:
+        (d / name).write_text(text)
+        return [*args, f"dataset.path={d / name}"]
+
+    return data_case(id, make, expect)
+
+
 def model_dir_without_weights(d: Path) -> Path:
     m = d / "model"
     m.mkdir()
@@ -176,8 +186,8 @@ CASES = [
               ["does not exist", "dataset.path"]),
     data_case("bad-json-line", lambda d: ["dataset=instruction", f"dataset.path={_bad_json(d)}"],
               ["line 3", "fix or remove line 3"]),
-    data_case("not-utf8", lambda d: ["dataset=instruction", f"dataset.path={_write(d / 'data.jsonl', NOT_UTF8)}"],
-              ["not utf-8", "re-save it as utf-8"]),
+    data_case("latin1-without-encoding", lambda d: ["dataset=instruction", f"dataset.path={_write(d / 'data.jsonl', LATIN1)}"],
+              ["not utf-8", "line 2", "re-save it as utf-8", "dataset.encoding=latin-1"]),
     data_case("corrupt-parquet", lambda d: ["dataset=instruction", f"dataset.path={_write(d / 'data.parquet', b'PAR1junk')}"],
               ["could not read data file", "corrupt"]),
     data_case("empty-dataset", lambda d: ["dataset=instruction", f"dataset.path={_write(d / 'empty.jsonl', b'')}"],
@@ -188,7 +198,7 @@ CASES = [
               ["no column 'label'", "stars", "dataset.label_column"]),
     data_case("new-label-in-eval-file", lambda d: [*CLS, f"dataset.path={jsonl(d / 'train.jsonl', REVIEWS)}",
                                                    f"dataset.eval_path={jsonl(d / 'eval.jsonl', REVIEWS[:3] + [{'text': 'meh', 'label': 'neutral'}])}"],
-              ["'neutral'", "not one of the classes", "dataset.label_names"]),
+              ["eval.jsonl", "line 4", "'neutral'", "not one of the classes", "dataset.label_names"]),
     data_case("negative-labels", lambda d: [*CLS, f"dataset.path={jsonl(d / 'neg.jsonl', [{'text': 'x y', 'label': i - 1} for i in range(4)])}"],
               ["negative labels", "0..n-1"]),
     data_case("nothing-left-after-truncation", lambda d: [
@@ -198,6 +208,31 @@ CASES = [
     data_case("eval-split-on-local-file", lambda d: ["dataset=instruction", "dataset.eval_split=validation",
                                                      f"dataset.path={jsonl(d / 'i.jsonl', INSTRUCTIONS)}"],
               ["eval_split", "local file", "dataset.eval_path"]),
+    # flawed files as spreadsheets, other tools and hand edits leave them (more in tests/unit/test_data.py)
+    file_case("empty-label", "d.csv", "text,label\ngood,pos\nbad,\n",
+              ["line 3", "the label is empty", "fix or remove line 3", "dataset.bad_rows=skip"]),
+    file_case("unclosed-quote-merges-rows", "d.csv", 'text,label\ngood,pos\n"bad,neg\nfine,pos\nok,neg\n',
+              ["lines 3-5", "never closed", '""', "dataset.bad_rows=skip"]),
+    file_case("ragged-csv-row", "d.csv", "text,label\ngood,pos\nbad, sad,neg\n",
+              ["line 3", "3 fields where the header has 2", "not quoted"]),
+    file_case("jsonl-trailing-comma", "d.jsonl", json.dumps(INSTRUCTIONS[0]) + "\n" + json.dumps(INSTRUCTIONS[1]) + ",\n",
+              ["line 2", "comma after the object", "fix or remove line 2"], ["dataset=instruction"]),
+    file_case("json-array-with-a-non-object", "d.json",
+              "[\n" + json.dumps(REVIEWS[0]) + ',\n"a stray string",\n' + json.dumps(REVIEWS[1]) + "\n]\n",
+              ["line 3", "a json string, not an object"]),
+    file_case("semicolon-csv", "d.csv", "text;label\ngood;pos\n", ["one column 'text;label'", "dataset.delimiter=';'"]),
+    file_case("header-only-csv", "d.csv", "text,label\n", ["header (text, label) but no rows", "nothing to train on"]),
+    file_case("duplicate-column-names", "d.csv", "text,label,text\na,pos,b\n", ["'text' more than once", "rename"]),
+    data_case("parquet-null-label", lambda d: [*CLS, f"dataset.path={_parquet_null_label(d)}"],
+              ["row 2", "the label is missing", "dataset.bad_rows=skip"]),
+    # settings out of range, all named at once, before anything loads
+    Case("negative-epochs-with-max-steps", lambda d, r: train("trainer.epochs=-1", "trainer.max_steps=5",
+                                                              f"output_dir={d / 'out'}"),
+         ["trainer.epochs must be positive (got -1.0)"]),
+    Case("impossible-numbers", lambda d, r: train("dataset.eval_fraction=1.5", "trainer.log_every=0", "optimizer.lr=nan",
+                                                  "method.dropout=1.0", f"output_dir={d / 'out'}"),
+         ["dataset.eval_fraction must be above 0 and below 1", "trainer.log_every must be at least 1",
+          "optimizer.lr must be positive (got nan)", "method.dropout must be at least 0 and below 1"]),
     data_case("unsupported-extension", lambda d: ["dataset=instruction", f"dataset.path={_write(d / 'data.xlsx', b'PK')}"],
               ["unsupported extension", ".xlsx", ".jsonl"]),
     # models
@@ -237,7 +272,16 @@ CASES = [
 ]
 
 
-NOT_UTF8 = b"\xff\xfe\x00bad"
+LATIN1 = ('{"instruction": "Say hi.", "output": "hi"}\n{"instruction": "Translate caf\u00e9.", "output": "coffee"}\n'
+          .encode("latin-1"))
+
+
+def _parquet_null_label(d: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["good", "bad", "fine"], "label": ["pos", None, "pos"]}), d / "d.parquet")
+    return d / "d.parquet"
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -302,6 +346,18 @@ def test_bad_input_is_reported_clearly_and_changes_nothing(results, case):
     assert ("Traceback" in out) == case.verbose, shown
     assert "HYDRA_FULL_ERROR" not in out, shown
     assert r["after"] == r["before"], f"files changed: {set(r['after'].items()) ^ set(r['before'].items())}\n{shown}"
+
+
+def test_flawed_spreadsheet_file_trains_leniently_and_says_what_it_left_out(tmp_path):
+    """A CSV as Excel saves it (byte-order mark, CRLF) with one row missing its label, under dataset.bad_rows=skip."""
+    rows = "text,label\r\n" + "".join(f"{r['text']},{r['label']}\r\n" for r in REVIEWS) + "no label here,\r\n"
+    data = _write(tmp_path / "reviews.csv", b"\xef\xbb\xbf" + rows.encode())
+    out = tmp_path / "out"
+    res = cli(["train", *TINY, *CLS, f"dataset.path={data}", "dataset.bad_rows=skip", f"output_dir={out}"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
+    assert json.loads((out / "metrics.json").read_text())["data/skipped_rows"] == 1
+    assert f"skipped 1 bad row of {data} (dataset.bad_rows=skip): line 10 (the label is empty)" in res.stdout
 
 
 def test_there_are_at_least_25_cases():

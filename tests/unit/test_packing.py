@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from ftune.config import TrainerConfig, validate_values
 from ftune.data.collate import Collator
 from ftune.errors import FtuneError
 from ftune.evaluate import model_inputs, task_loss
@@ -154,7 +153,8 @@ def test_classification_and_too_small_rows_are_refused(make_cfg):
     with pytest.raises(FtuneError, match=r"seq_cls task.*trainer\.packing=false"):
         setup(make_cfg("model=tiny_llama", "dataset=sentiment", "method=lora", "trainer.packing=true"))
     with pytest.raises(FtuneError, match="pack_tokens must be at least trainer.max_length"):
-        validate_values(TrainerConfig(packing=True, max_length=128, pack_tokens=64), 1e-3)
+        setup(make_cfg("model=tiny_llama", "dataset=demo_instructions", "trainer.packing=true",
+                       "trainer.max_length=128", "trainer.pack_tokens=64"))
 
 
 def test_a_packed_step_equals_a_padded_step(make_cfg, tmp_path):
