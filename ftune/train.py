@@ -227,7 +227,8 @@ def train_loop(run: Run) -> dict[str, Any]:
 
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
-    window_tokens, window_start = 0, time.perf_counter()
+    # tokens/s of a logging window counts training steps only, not evals or checkpoint saves between them
+    window_tokens, window_start = 0, loop.train_seconds
     nan_in_a_row, saved_at = 0, None
     progress = TrainProgress(run.total_steps, enabled=t.progress)
     memory = MemoryMeter(run.device)
@@ -298,13 +299,13 @@ def train_loop(run: Run) -> dict[str, Any]:
             loop.loss_sum, loop.loss_count = loop.loss_sum + value, loop.loss_count + 1
 
             if loop.step % t.log_every == 0 or loop.step == run.total_steps:
-                elapsed = time.perf_counter() - window_start
+                elapsed = loop.train_seconds - window_start
                 row = {"step": loop.step, "epoch": round(loop.epoch + loop.position / max(len(batches), 1), 3),
                        "loss": loop.loss_sum / loop.loss_count, "lr": run.scheduler.get_last_lr()[0],
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 log.log(row)
                 progress.update(loop.step, row)
-                window_tokens, window_start, loop.loss_sum, loop.loss_count = 0, time.perf_counter(), 0.0, 0
+                window_tokens, window_start, loop.loss_sum, loop.loss_count = 0, loop.train_seconds, 0.0, 0
             else:
                 progress.update(loop.step, None)
             if t.eval_every and loop.step % t.eval_every == 0 and run.data.eval and loop.step < run.total_steps:

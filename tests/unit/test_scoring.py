@@ -30,13 +30,15 @@ def overrides(path, *extra):
 
 
 def test_exact_match_before_and_after_training(one_answer, tmp_path):
-    cfg = compose_train(overrides(one_answer, "trainer.max_steps=30"), tmp_path / "run")
+    cfg = compose_train(overrides(one_answer, "trainer.max_steps=30", "trainer.log_every=30"), tmp_path / "run")
     metrics = train(cfg)
     assert metrics["eval_before/exact_match"] == 0.0 and metrics["eval_before/scored"] == 8
     assert metrics["eval/exact_match"] == 1.0 and metrics["eval/scored"] == 8
     assert metrics["eval_before/loss"] > 2 * metrics["eval/loss"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and "eval_before/exact_match" in rows[0]
+    # one logging window of all 30 steps: its tokens/s counts training time only, not the evaluation before
+    assert rows[1]["step"] == 30 and rows[1]["tokens_per_s"] == pytest.approx(metrics["tokens_per_s"], rel=1e-9)
     # `ftune eval` of the run scores the same split the same way
     eval_cfg = compose_eval(tmp_path / "run")
     report = run_eval(eval_cfg)
