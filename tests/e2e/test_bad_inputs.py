@@ -178,6 +178,10 @@ CASES = [
          ["bitfit", "bias", "lora"]),
     Case("qlora-without-bitsandbytes", lambda d, r: train("method=qlora", f"output_dir={d / 'out'}"),
          ["bitsandbytes", "pip install bitsandbytes", "method=lora"], environ=fake_bitsandbytes),
+    Case("qlora-with-nothing-to-quantize", lambda d, r: [
+        "train", *[a for a in TINY if not a.startswith("model=")], "model=tiny_bert", "dataset=sentiment",
+        "model.config.intermediate_size=48", "method=qlora", f"output_dir={d / 'out'}"],
+        ["no linear layer it can quantize", "narrower than the 64-wide", "method=lora"]),
     Case("nan-skipping-cannot-save-diverged-weights", lambda d, r: train(
         "method=full", "optimizer=sgd", "optimizer.lr=1e30", "trainer.skip_nan_batches=true", "trainer.max_steps=40",
         f"output_dir={d / 'out'}"), ["step 2", "25 batches", "diverged", "lower optimizer.lr"], code=1, trains=True),
