@@ -263,7 +263,7 @@ def run_eval(cfg) -> dict[str, Any]:
     from ftune.config import validate_group
     from ftune.data import task_of
     from ftune.methods.base import trainable_parameters
-    from ftune.models import build_model, load_tokenizer
+    from ftune.models import build_model, load_tokenizer, model_label
     from ftune.progress import console, metrics_table
     from ftune.runs import (
         base_model_config,
@@ -322,7 +322,7 @@ def run_eval(cfg) -> dict[str, Any]:
         tokenizer = load_tokenizer(model_cfg)
         label_names = None
         out = Path(str(cfg.out)) if cfg.get("out") else None
-        source = f"model {model_cfg.path or model_cfg.name}"
+        source = f"model {model_label(model_cfg)}"
     else:
         raise FtuneError(
             "Nothing to evaluate: pass run=<a run directory> (e.g. `ftune eval run=runs/x`), or model=<model config> "
@@ -337,7 +337,7 @@ def run_eval(cfg) -> dict[str, Any]:
         raise FtuneError(f"No example to evaluate in {where}; check the dataset (or use eval.split=all).")
     if run_cfg is None:  # a base model: built now that the classes are known
         label_names = data_labels
-        with console.status(f"Loading model {model_cfg.path or model_cfg.name}"):
+        with console.status(f"Loading model {model_label(model_cfg)}"):
             model = build_model(model_cfg, task, num_labels=len(label_names) or None, label_names=label_names,
                                 pad_token_id=tokenizer.pad_token_id)
         model.to(device).eval()

@@ -58,6 +58,13 @@ def _check_local_model_dir(path: str) -> None:
         )
 
 
+def model_label(cfg: ModelConfig) -> str:
+    """How the model is named to the user: its path (with the GGUF file inside it), else its config name."""
+    if cfg.path and cfg.gguf_file:
+        return f"{cfg.name} ({Path(cfg.path).expanduser() / cfg.gguf_file})"
+    return cfg.path or cfg.name
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token (eos, or unk) set when the tokenizer has none."""
     from transformers import AutoTokenizer

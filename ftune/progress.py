@@ -49,12 +49,13 @@ class TrainProgress:
 
 
 def print_header(run, params: tuple[int, int]) -> None:
+    from ftune.models import model_label
     from ftune.packing import pack_budget
 
     trainable, total = params
     t = run.trainer
     console.print(
-        f"[bold]ftune train[/]  model [cyan]{run.model_cfg.path or run.model_cfg.name}[/]  "
+        f"[bold]ftune train[/]  model [cyan]{model_label(run.model_cfg)}[/]  "
         f"method [cyan]{run.method.name}[/]  data [cyan]{run.cfg.dataset.name}[/] "
         f"({len(run.data.train)} train / {len(run.data.eval)} eval)\n"
         f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)  "

@@ -37,7 +37,7 @@ from ftune.data.collate import Collator, epoch_batches
 from ftune.errors import FtuneError, TrainingFailed
 from ftune.evaluate import SCORERS, evaluate_examples, model_inputs, score_examples, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
-from ftune.models import build_model, head_names, load_tokenizer
+from ftune.models import build_model, head_names, load_tokenizer, model_label
 from ftune.models_gguf import resolve_gguf
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
 from ftune.packing import (
@@ -157,7 +157,7 @@ def setup(cfg: DictConfig) -> Run:
     with console.status(f"Loading tokenizer and data ({data_cfg.path})"):
         tokenizer = load_tokenizer(model_cfg)
         data = build_data(data_cfg, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template)
-    with console.status(f"Loading model {model_cfg.path or model_cfg.name}"):
+    with console.status(f"Loading model {model_label(model_cfg)}"):
         model = build_model(
             model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
             pad_token_id=tokenizer.pad_token_id,
