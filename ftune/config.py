@@ -205,6 +205,7 @@ class TrainerConfig:
     log_every: int = ranged(10, AT_LEAST_1)
     max_grad_norm: Optional[float] = ranged(1.0, POSITIVE, "for no clipping")
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model's forward (in place)
     group_by_length: bool = True
     packing: bool = False  # causal LM: join examples into one row per micro-batch, no padding
     pack_tokens: Optional[int] = ranged(None, AT_LEAST_1, "for batch_size x max_length")  # tokens per packed row

@@ -36,12 +36,15 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
     """
     if task == "seq_cls":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    # Prompt-learning methods prepend virtual tokens: their logits are longer than the labels.
-    logits = logits[:, -labels.shape[1]:]
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return loss, int((shift_labels != IGNORE).sum())
+    # Shift the labels, not the logits: position t is scored against label t+1, the last position
+    # against nothing. Slicing the (batch, length, vocab) logits would copy them (hundreds of MB for a
+    # 49k vocabulary) and keep the copy alive for the backward pass.
+    # Prompt-learning methods prepend virtual tokens: their logits are longer than the labels; those
+    # positions get no target either.
+    virtual = logits.shape[1] - labels.shape[1]
+    targets = F.pad(labels[:, 1:], (virtual, 1), value=IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:

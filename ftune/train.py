@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -121,9 +123,17 @@ def build_optimizer(cfg: DictConfig, method: Method, model: torch.nn.Module, dev
     if not any(len(g["params"]) for g in groups):
         raise FtuneError(f"Method '{method.name}' left no parameter to train on this model.")
     extra = {}
-    if cfg.optimizer._target_ == "torch.optim.AdamW" and device.type == "cuda":
-        extra["fused"] = True  # one kernel for all parameters instead of one per tensor
+    if cfg.optimizer._target_ == "torch.optim.AdamW" and device.type in ("cuda", "cpu") and "fused" not in cfg.optimizer:
+        extra["fused"] = True  # one kernel for all parameters instead of one per tensor (CUDA and CPU)
     return instantiate(cfg.optimizer, _partial_=True)(groups, **extra)
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> None:
+    """trainer.compile: torch.compile the forward in place (module, state_dict keys and saving unchanged)."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        raise FtuneError("trainer.compile=true on CPU needs a C++ compiler (g++ or clang++, or one named by $CXX), "
+                         "and none was found; install one or leave trainer.compile=false.")
+    model.compile()
 
 
 def with_defaults(cfg: DictConfig, **groups: Any) -> DictConfig:
@@ -184,6 +194,8 @@ def setup(cfg: DictConfig) -> Run:
     model.train()
     if trainer.packing:  # refuses the run unless the examples of a packed row are kept apart
         check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
+    if trainer.compile:
+        compile_model(model, device)
 
     optimizer = build_optimizer(cfg, method, model, device)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
@@ -255,6 +267,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                     if extra is not None:
                         loss = loss + extra / t.grad_accum
                 memory.sample()  # activations are alive here: the high-water mark of a step
+                del outputs  # the logits (batch x length x vocab): backward does not need them
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
                 tokens = real_tokens(batch)
