@@ -37,8 +37,8 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
     if task == "seq_cls":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     # Shift the labels, not the logits: position t is scored against label t+1, the last position
-    # against nothing. Slicing the (batch, length, vocab) logits would copy them (hundreds of MB for a
-    # 49k vocabulary) and keep the copy alive for the backward pass.
+    # against nothing. Slicing the (batch, length, vocab) logits instead would copy them (hundreds of MB
+    # for a 49k vocabulary), and backward would make two more buffers of that size.
     # Prompt-learning methods prepend virtual tokens: their logits are longer than the labels; those
     # positions get no target either.
     virtual = logits.shape[1] - labels.shape[1]

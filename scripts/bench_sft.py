@@ -216,8 +216,10 @@ def child_hf(work: Path) -> dict:
 
     class Losses(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs:  # the mean over the last logging_steps=10 steps
                 losses.append(float(logs["loss"]))
+            elif logs and "train_loss" in logs and not losses:  # fewer than 10 steps: the run's mean
+                losses.append(float(logs["train_loss"]))
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=job["batch_size"],
                              max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="linear",
@@ -358,7 +360,9 @@ def main() -> None:
         r = run_child(name, args.work, model_path, args.ftune_extra, env)
         if r is None:
             continue
-        if "padded_tokens" not in r and name in ("ftune", "ftune-random", "bare"):
+        if name == "ftune-packed":
+            r["padded_tokens"] = r["real_tokens"]  # packed rows hold no padding by construction
+        elif "padded_tokens" not in r:
             real, padded = padding_of(train, batches[name == "ftune"])
             r["padded_tokens"] = padded
             r["real_tokens"] = real
