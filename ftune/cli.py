@@ -145,7 +145,9 @@ def _run_uses_bitsandbytes(cfg) -> bool:
 
     from ftune.thirdparty import needs_bitsandbytes
 
-    saved = Path(str(cfg.get("run") or "")).expanduser() / "config.yaml"
+    if not cfg.get("run"):
+        return False  # a base model: nothing 4-bit to load
+    saved = Path(str(cfg.run)).expanduser() / "config.yaml"
     try:
         return saved.is_file() and needs_bitsandbytes(OmegaConf.load(saved))
     except Exception:  # an unreadable config is reported by the command itself, with its own words
