@@ -225,7 +225,8 @@ def _same_data(a, b) -> bool:
     return (a.path, a.subset, a.split, a.format) == (b.path, b.subset, b.split, b.format)
 
 
-def _has_eval_split(d) -> bool:
+def has_eval_split(d) -> bool:
+    """Whether a dataset config defines a held-out split (eval_path, eval_split or eval_fraction)."""
     return bool(d.eval_path or d.eval_split or d.eval_fraction)
 
 
@@ -239,7 +240,7 @@ def eval_examples(data_cfg, tokenizer, max_length: int, seed: int, chat_template
                       max_samples=max_samples or data_cfg.max_eval_samples)
         bundle = build_data(cfg, tokenizer, max_length, seed, chat_template)
         return bundle.train, bundle.label_names, f"all rows of {data_cfg.path} ({data_cfg.split})"
-    if not _has_eval_split(data_cfg):
+    if not has_eval_split(data_cfg):
         raise FtuneError(
             f"Dataset '{data_cfg.name}' defines no held-out split (no eval_path, eval_split or eval_fraction). "
             f"Evaluate every row with eval.split=all, or set dataset.eval_path=<file>."
@@ -306,7 +307,7 @@ def run_eval(cfg) -> dict[str, Any]:
         if split == "auto":
             foreign = data_override is not None and not _same_data(data_override, run_data)
             split = "all" if foreign and not (data_cfg.eval_path or data_cfg.eval_split) else (
-                "eval" if _has_eval_split(data_cfg) else "all")
+                "eval" if has_eval_split(data_cfg) else "all")
         method_name = method.name
         if model_override is not None:
             console.print(f"[yellow]note[/] base model '{model_override.path or model_override.name}' instead of the "
@@ -321,7 +322,7 @@ def run_eval(cfg) -> dict[str, Any]:
         max_length = e.max_length or 512
         precision = e.precision
         run_cfg, method_name = None, "base"
-        split = e.split if e.split != "auto" else ("eval" if _has_eval_split(data_cfg) else "all")
+        split = e.split if e.split != "auto" else ("eval" if has_eval_split(data_cfg) else "all")
         tokenizer = load_tokenizer(model_cfg)
         label_names = None
         out = Path(str(cfg.out)) if cfg.get("out") else None

@@ -37,7 +37,7 @@ from ftune.config import (
 from ftune.data import DataBundle, build_data, task_of
 from ftune.data.collate import Collator, epoch_batches
 from ftune.errors import FtuneError, TrainingFailed
-from ftune.evaluate import SCORERS, evaluate_examples, model_inputs, score_examples, task_loss
+from ftune.evaluate import SCORERS, evaluate_examples, has_eval_split, model_inputs, score_examples, task_loss
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer, model_label
 from ftune.models_gguf import resolve_gguf
@@ -155,7 +155,7 @@ def setup(cfg: DictConfig) -> Run:
     check_target(cfg.scheduler, "scheduler")
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
-    check_scoring(trainer, task, bool(data_cfg.eval_path or data_cfg.eval_split or data_cfg.eval_fraction))
+    check_scoring(trainer, task, has_eval_split(data_cfg))
     if trainer.packing:
         check_packing_settings(task)
     device = resolve_device(trainer.device)
