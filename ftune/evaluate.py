@@ -47,6 +47,57 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
     return loss, int((targets != IGNORE).sum())
 
 
+class TargetLogits:
+    """A causal LM's output layer computes logits only at the positions that have a target.
+
+    Prompt tokens (masked), padding and each sequence's last position are never scored, yet a plain
+    forward projects every one of them onto the vocabulary: on instruction data that is most of the
+    positions, and for a 49k vocabulary the logits and their gradient are the largest tensors of a
+    step. A forward pre-hook on the output layer keeps only the hidden states of scored positions,
+    so ``outputs.logits`` is ``(1, targets, vocab)`` in target order; :meth:`loss` scores it.
+    Outside :meth:`targets` (generation, merge checks) the hook passes everything through.
+    """
+
+    def __init__(self, model: nn.Module):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.active = isinstance(head, nn.Module)
+        self._labels: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
+        self._handle = head.register_forward_pre_hook(self._select) if self.active else None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle, self.active = None, False
+
+    def _select(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._labels is None:
+            return None
+        hidden, labels = args[0], self._labels
+        virtual = hidden.shape[1] - labels.shape[1]  # prompt-learning methods prepend virtual tokens
+        targets = F.pad(labels[:, 1:], (virtual, 1), value=IGNORE)  # position t is scored against label t+1
+        keep = targets != IGNORE
+        self._targets = targets[keep]
+        return (hidden[keep].unsqueeze(0), *args[1:])
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[Any, torch.Tensor, int]:
+        """(model outputs, summed task loss, targets) for ``batch``; see :func:`task_loss`."""
+        if task != "causal_lm" or not self.active:
+            outputs = model(**model_inputs(batch))
+            return outputs, *task_loss(outputs.logits, batch["labels"], task)
+        self._labels, self._targets = batch["labels"], None
+        try:
+            outputs = model(**model_inputs(batch))
+        finally:
+            self._labels = None
+        targets, self._targets = self._targets, None
+        if targets is None:  # the model never called its output layer as a module: score every position
+            return outputs, *task_loss(outputs.logits, batch["labels"], task)
+        logits = outputs.logits[0]
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return outputs, loss, int(targets.numel())
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The batch without labels: the trainer computes the loss itself.
 
@@ -74,17 +125,30 @@ def _batched_logits(model: nn.Module, examples: list[dict], collator: Collator, 
 
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator, task: str,
-                      device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Loss over ``examples`` and, for classification, accuracy. Keys are prefixed ``eval/``."""
+                      device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None,
+                      target_logits: TargetLogits | None = None) -> dict:
+    """Loss over ``examples`` and, for classification, accuracy. Keys are prefixed ``eval/``.
+
+    ``target_logits``: the training run's hook on the output layer (a temporary one otherwise)."""
     was_training = model.training
     model.eval()
     loss_sum, n_targets, correct = 0.0, 0, 0
-    for _, batch, logits in _batched_logits(model, examples, collator, device, batch_size, autocast_dtype):
-        loss, n = task_loss(logits, batch["labels"], task)
-        loss_sum += float(loss)
-        n_targets += n
-        if task == "seq_cls":
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    own = target_logits is None
+    scorer = TargetLogits(model) if own else target_logits
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = collator([examples[i] for i in order[start:start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outputs, loss, n = scorer.forward(model, batch, task)
+            loss_sum += float(loss)
+            n_targets += n
+            if task == "seq_cls":
+                correct += int((outputs.logits.argmax(-1) == batch["labels"]).sum())
+    finally:
+        if own:
+            scorer.remove()
     model.train(was_training)
     mean = loss_sum / max(n_targets, 1)
     metrics = {"eval/loss": mean}

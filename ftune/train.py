@@ -37,7 +37,7 @@ from ftune.config import (
 from ftune.data import DataBundle, build_data, task_of
 from ftune.data.collate import Collator, epoch_batches
 from ftune.errors import FtuneError, TrainingFailed
-from ftune.evaluate import SCORERS, evaluate_examples, has_eval_split, model_inputs, score_examples, task_loss
+from ftune.evaluate import SCORERS, TargetLogits, evaluate_examples, has_eval_split, score_examples
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer, model_label
 from ftune.models_gguf import resolve_gguf
@@ -75,6 +75,7 @@ class Run:
     scaler: torch.amp.GradScaler | None
     total_steps: int
     batches_per_epoch: int
+    target_logits: TargetLogits  # causal LM: logits only at positions with a target
 
     def epoch_batches(self, lengths: list[int], epoch: int) -> list[list[int]]:
         """The micro-batches (example indices) of ``epoch``: packed rows or padded batches."""
@@ -203,7 +204,8 @@ def setup(cfg: DictConfig) -> Run:
     eval_collator = Collator(tokenizer.pad_token_id, task)
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, model, ctx,
-               collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch)
+               collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
+               TargetLogits(model))
 
 
 def identity(run: Run) -> dict[str, Any]:
@@ -260,14 +262,13 @@ def train_loop(run: Run) -> dict[str, Any]:
                 batch = {k: v.to(run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                          for k, v in batch.items()}
                 with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-                    outputs = model(**model_inputs(batch))
-                    loss_sum, _ = task_loss(outputs.logits, batch["labels"], run.data.task)
+                    outputs, loss_sum, _ = run.target_logits.forward(model, batch, run.data.task)
                     loss = loss_sum / n_targets
                     extra = run.method.extra_loss(model, batch, outputs, loop.step)
                     if extra is not None:
                         loss = loss + extra / t.grad_accum
                 memory.sample()  # activations are alive here: the high-water mark of a step
-                del outputs  # the logits (batch x length x vocab): backward does not need them
+                del outputs  # the logits: backward does not need them
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
                 tokens = real_tokens(batch)
@@ -386,7 +387,7 @@ def evaluate(run: Run, score: bool = False) -> dict[str, float]:
     t = run.trainer
     batch_size = t.eval_batch_size or t.batch_size * 2
     metrics = evaluate_examples(run.model, run.data.eval, run.eval_collator, run.data.task, run.device,
-                                batch_size, run.autocast_dtype)
+                                batch_size, run.autocast_dtype, run.target_logits)
     if score and t.eval_scorer:
         was_training = run.model.training
         scores, _ = score_examples(run.model, run.tokenizer, run.data.eval, t.eval_scorer, t.eval_max_new_tokens,

@@ -89,7 +89,10 @@ class Method:
 
     # --- training hooks -------------------------------------------------------------------
     def extra_loss(self, model: nn.Module, batch: dict, outputs: Any, step: int) -> torch.Tensor | None:
-        """An extra loss term added to the task loss (distillation, EWC, ...); None for none."""
+        """An extra loss term added to the task loss (distillation, EWC, ...); None for none.
+
+        For a causal LM ``outputs.logits`` holds only the positions that have a target
+        (``1 x targets x vocab``, in order; see ``ftune.evaluate.TargetLogits``)."""
         return None
 
     def after_backward(self, model: nn.Module, step: int) -> None:

@@ -1,5 +1,5 @@
 """Speed and memory options of the training loop: the causal-LM loss without a copy of the logits,
-fused AdamW on CPU, trainer.compile. Each must give the same numbers as the plain way."""
+logits only at positions with a target, fused AdamW on CPU, trainer.compile. Each must give the same numbers as the plain way."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ftune.errors import FtuneError
-from ftune.evaluate import task_loss
+from ftune.data.collate import Collator
+from ftune.evaluate import TargetLogits, model_inputs, task_loss
+from ftune.packing import PackingCollator
 from ftune.train import build_optimizer, setup, train
 
 
@@ -38,6 +40,42 @@ def test_causal_lm_loss_and_gradient_match_shifted_logits(virtual):
 
 def lora_run(make_cfg, *overrides):
     return setup(make_cfg("model=tiny_llama", "dataset=demo_instructions", "method=lora", *overrides))
+
+
+@pytest.mark.parametrize("model,method,packed", [
+    ("tiny_llama", "lora", False), ("tiny_qwen", "full", False), ("tiny_gpt2", "lora", False),
+    ("tiny_llama", "prompt_tuning", False), ("tiny_llama", "lora", True),
+])
+def test_logits_at_target_positions_give_the_full_losses_and_gradients(make_cfg, model, method, packed):
+    """The output layer sees only the positions that have a target; the loss and every trainable
+    gradient equal those of full logits scored by task_loss (prompt masking, padding, virtual tokens
+    of prompt tuning, a packed row)."""
+    run = setup(make_cfg(f"model={model}", "dataset=demo_instructions", f"method={method}"))
+    examples = run.data.train[:5]
+    batch = (PackingCollator(False) if packed else Collator(run.tokenizer.pad_token_id, "causal_lm"))(examples)
+    assert (batch["labels"][:, 1:] == -100).float().mean() > 0.3  # masked prompts (and padding) to skip
+    params = [p for p in run.model.parameters() if p.requires_grad]
+
+    def loss_and_grads(selected: bool):
+        for p in params:
+            p.grad = None
+        if selected:
+            outputs, loss, n = run.target_logits.forward(run.model, batch, "causal_lm")
+            assert outputs.logits.shape[:2] == (1, n)  # only the scored positions were projected
+        else:
+            loss, n = task_loss(run.model(**model_inputs(batch)).logits, batch["labels"], "causal_lm")
+        loss.backward()
+        return loss.detach(), n, [p.grad.clone() for p in params]
+
+    run.model.eval()  # no dropout: the two forwards must see the same network
+    full, n_full, g_full = loss_and_grads(False)
+    sel, n_sel, g_sel = loss_and_grads(True)
+    assert n_sel == n_full == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(sel, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_sel, g_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # outside a scored forward the hook passes every position through (generation, merge checks)
+    assert run.model(**model_inputs(batch)).logits.shape[1] >= batch["input_ids"].shape[1]
 
 
 def test_adamw_is_fused_on_cpu_and_steps_like_the_unfused_one(make_cfg):
