@@ -38,7 +38,8 @@ commands:
 {commands}
 
 Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
-scheduler=, trainer=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4).
+scheduler=, trainer=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4). `ftune train`
+with no model, dataset or recipe chosen runs the quickstart recipe (SmolLM2 learning a small task).
 `ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
 (`ftune train hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
 compare takes plain paths: run directories or sweep directories holding runs, plus out=DIR and
@@ -218,6 +219,32 @@ def _translate_output_dir(argv: list[str]) -> list[str]:
     return argv + extra
 
 
+QUICKSTART = "dates_smollm2_lora"  # what `ftune train` runs when no model, dataset or recipe is chosen
+CHOOSING_KEYS = ("model", "dataset", "recipes", "model.name", "model.path", "model.gguf_file", "dataset.name",
+                 "dataset.path", "dataset.format")
+
+
+def _quickstart(command: str, argv: list[str]) -> list[str]:
+    """`ftune train` without a model, dataset or recipe: the quickstart recipe, other overrides on top.
+
+    So `ftune train` alone, `ftune train method=dora` and `ftune train trainer.max_steps=10` are all
+    the quickstart job (a real LLM learning something in minutes), and choosing a model, a dataset or
+    a recipe leaves the recipe out entirely: its trainer settings never leak into other jobs.
+    """
+    def chooses_job(arg: str) -> bool:  # tweaks such as dataset.max_samples=100 keep the quickstart
+        return arg.split("=", 1)[0].lstrip("+~") in CHOOSING_KEYS or arg.startswith(("--config-name", "-cn"))
+
+    if command != "train" or any(chooses_job(a) for a in argv):
+        return argv
+    from ftune.progress import console
+
+    if not any(a in ("--cfg", "-c", "--help", "-h", "--info", "-i") for a in argv):  # keep printed configs pure YAML
+        console.print(f"No model, dataset or recipe chosen: running the quickstart recipe {QUICKSTART} "
+                      f"(`ftune train recipes={QUICKSTART}`; choose model=..., dataset=... or recipes=... for "
+                      f"another job).", markup=False, soft_wrap=True, highlight=False)
+    return [*argv, f"recipes={QUICKSTART}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -262,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         named = Path(a.split("=", 1)[1]).expanduser() if a.startswith("output_dir=") else None
         if named is not None and named.exists():
             _EXISTED.add(named.resolve())
-    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quote_free_text(command, rest))
+    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quickstart(command, _quote_free_text(command, rest)))
     try:
         app()
     except FtuneError as e:

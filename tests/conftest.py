@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import ftune.config  # noqa: F401  (registers the pkg_path resolver)
-from ftune.config import config_dir
+from ftune import models_gguf
+from ftune.config import config_dir, validate_group
 
 # One intra-op thread: tiny models gain nothing from more, and tests stay fast beside other work.
 torch.set_num_threads(1)
@@ -61,3 +63,23 @@ def logits_of(model, batch: dict) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(**model_inputs(batch)).logits
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The smollm2 model config, its GGUF file converted (timed) into a session-wide temporary $FTUNE_CACHE
+    (which CLI subprocesses inherit, so the e2e tests reuse the conversion)."""
+    old = os.environ.get("FTUNE_CACHE")
+    os.environ["FTUNE_CACHE"] = str(tmp_path_factory.mktemp("ftune_cache"))
+    saved, models_gguf._resolved = models_gguf._resolved, {}
+    try:
+        cfg = validate_group(compose_train(["model=smollm2"]), "model")
+        started = time.perf_counter()
+        folder = Path(models_gguf.resolve_gguf(cfg).path)
+        yield cfg, folder, time.perf_counter() - started
+    finally:
+        models_gguf._resolved = saved
+        if old is None:
+            os.environ.pop("FTUNE_CACHE", None)
+        else:
+            os.environ["FTUNE_CACHE"] = old

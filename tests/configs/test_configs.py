@@ -84,10 +84,12 @@ def test_trainer_configs_validate(name):
     validate_group(cfg, "trainer")
 
 
-def test_default_job_is_minilm_lora_on_bundled_sentiment():
+def test_default_groups_are_the_quickstarts():
     cfg = compose_train([], Path("/tmp/unused"), small=False)
-    assert (cfg.model.name, cfg.method.name, cfg.dataset.name) == ("minilm", "lora", "sentiment")
-    assert Path(cfg.model.path, "model.safetensors").exists()
+    assert (cfg.model.name, cfg.method.name, cfg.dataset.name) == ("smollm2", "lora", "dates")
+    assert Path(cfg.dataset.path).exists() and Path(cfg.dataset.eval_path).exists()
+    cfg = compose_train(["model=minilm", "dataset=sentiment"], Path("/tmp/unused"), small=False)
+    assert Path(cfg.model.path, "model.safetensors").exists()  # the recipe sentiment_minilm_lora's parts
     assert Path(cfg.dataset.path).exists() and Path(cfg.dataset.eval_path).exists()
 
 

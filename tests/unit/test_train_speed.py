@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftune.errors import FtuneError
 from ftune.data.collate import Collator
-from ftune.evaluate import TargetLogits, model_inputs, task_loss
+from ftune.errors import FtuneError
+from ftune.evaluate import model_inputs, task_loss
 from ftune.packing import PackingCollator
 from ftune.train import build_optimizer, setup, train
 
