@@ -182,6 +182,12 @@ def build_method(method_cfg: Any) -> Method:
             f"(for example `ftune train method=lora`)."
         )
     cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls.settings_cls)}
+    from ftune.methods.unfreezing import SCHEDULE_KEYS, unsupported
+
+    stray = [k for k in SCHEDULE_KEYS if k in raw and k not in fields]
+    if stray:
+        raise unsupported(name, stray[0])
     try:
         schema = OmegaConf.structured(cls.settings_cls)
         merged = OmegaConf.merge(schema, method_yaml_defaults(name), raw)
