@@ -68,7 +68,7 @@ def unsupported(method: str, key: str = "schedule") -> FtuneError:
     return FtuneError(
         f"method.{key} belongs to gradual unfreezing (method.schedule=gradual), which trains a model block by "
         f"block from the top and so needs a method whose trained parameters sit in the transformer blocks: "
-        f"{', '.join(able)}. Method '{method}' has no blocks to unfreeze; {instead}."
+        f"{', '.join(able)}. Method '{method}' does not take it; {instead}."
     )
 
 
@@ -163,8 +163,9 @@ class GradualUnfreezing:
         all_at = self.last_stage * every
         if all_at >= total_steps and self.last_stage:
             left = n - self.unfrozen_blocks(self.stage_at(total_steps - 1))
-            line += f"; all by step {all_at}, after this run's {total_steps}" + (
-                f": {left} blocks stay frozen" if left > 0 else "")
+            line += (f"; the last joins after step {all_at}, but this run has {total_steps} steps: "
+                     + (f"{left} block{'s stay' if left > 1 else ' stays'} frozen" if left > 0 else
+                        "the embeddings stay frozen"))
         return line
 
 

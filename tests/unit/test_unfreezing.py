@@ -195,4 +195,23 @@ def test_bad_unfreezing_settings_get_one_paragraph(make_cfg):
     msg = settings_error(make_cfg, *LLAMA, "method=lora", "method.schedule=gradually", "method.unfreeze_unit=days")
     assert "method.schedule must be none or gradual" in msg and "method.unfreeze_unit must be steps or epochs" in msg
     msg = settings_error(make_cfg, *LLAMA, "method=bitfit", "++method.schedule=gradual")
-    assert "no blocks to unfreeze" in msg and "freeze" in msg and "lora" in msg
+    assert "gradual unfreezing" in msg and "'bitfit' does not take it" in msg and "method=freeze" in msg
+
+
+def test_gpt2_blocks_unfreeze_by_epochs(make_cfg):
+    """GPT-2's blocks (transformer.h) with method.unfreeze_unit=epochs: 16 examples in batches of 2 with
+    accumulation 2 are 4 optimizer steps an epoch, so the second block joins after step 4."""
+    run = setup(make_cfg("model=tiny_gpt2", "dataset=demo_instructions", "model.config.n_layer=3", *gradual(every=1),
+                         "method.unfreeze_unit=epochs", "trainer.batch_size=2", "trainer.grad_accum=2",
+                         "trainer.max_length=64", "dataset.eval_fraction=null", "dataset.max_samples=16"))
+    assert run.ctx.report["unfreezing/every_steps"] == 4
+
+    def blocks():
+        return {int(n.split(".")[2]) for n, p in run.model.named_parameters() if p.requires_grad and ".h." in n}
+
+    for step in range(8):
+        assert blocks() == ({2} if step < 4 else {1, 2}), step
+        run.method.after_step(run.model, step)
+    assert blocks() == {0, 1, 2}
+    assert {n for n, p in run.model.named_parameters() if p.requires_grad and ".h." not in n} == {
+        "transformer.ln_f.weight", "transformer.ln_f.bias"}
