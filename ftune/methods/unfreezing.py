@@ -35,6 +35,7 @@ from ftune.methods.base import Method, MethodContext, MethodSettings
 SCHEDULES = ("none", "gradual")
 UNITS = ("steps", "epochs")
 SCHEDULE_KEYS = ("schedule", "unfreeze_every", "unfreeze_unit", "lr_decay")
+NO_BLOCKS = "gradual unfreezing needs them; use method.schedule=none (every parameter trains from the start)"
 
 
 @dataclass
@@ -90,9 +91,7 @@ class GradualUnfreezing:
         """The schedule of ``model`` as the method prepared it (every parameter it trains requiring grad)."""
         from ftune.methods.selective import transformer_blocks
 
-        prefix, blocks = transformer_blocks(
-            model, instead="gradual unfreezing needs them; use method.schedule=none (every parameter trains "
-                           "from the start)")
+        prefix, blocks = transformer_blocks(model, instead=NO_BLOCKS)
         n = len(blocks)
         params, depth, below = {}, {}, True  # named_parameters follows module order: embeddings, blocks, head
         for name, p in model.named_parameters():
@@ -192,7 +191,7 @@ class UnfreezesGradually(Method):
         from ftune.methods.selective import transformer_blocks
 
         if self.settings.schedule == "gradual":
-            transformer_blocks(model, instead="gradual unfreezing needs them; use method.schedule=none")
+            transformer_blocks(model, instead=NO_BLOCKS)
 
     def base_param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return super().param_groups(model, lr)
