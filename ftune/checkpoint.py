@@ -218,9 +218,10 @@ def _base_lrs(groups: list[dict]) -> list[float]:
     return [float(g.get("initial_lr", g.get("lr", 0.0))) for g in groups]
 
 
-def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method,
+def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler,
                      say: Callable[[str], None] = print) -> LoopState:
-    """Put the weights, optimizer, scheduler, scaler, method and RNG states of ``ckpt`` in place.
+    """Put the weights, optimizer, scheduler, scaler and RNG states of ``ckpt`` in place (the method's
+    state is restored before the compatibility check, by ``resume_from``).
 
     The learning rates come back with the optimizer and scheduler states: a run resumed with another
     optimizer.lr keeps the checkpoint's schedule, and ``say`` warns about it.
@@ -241,18 +242,43 @@ def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler, meth
     scheduler.load_state_dict(ckpt.scheduler)
     if scaler is not None and ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)
-    method.load_state_dict(ckpt.method)
     _set_rng_state(ckpt.rng)
     return ckpt.loop
 
 
-def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scaler, method, identity: dict[str, Any],
+IdentityOf = dict[str, Any] | Callable[[], dict[str, Any]]  # what a checkpoint must match, or how to compute it
+
+
+def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
+         say: Callable[[str], None]) -> LoopState:
+    """Restore the method's state, check that ``ckpt`` fits this run, then apply it.
+
+    The method's state comes first because it may change which parameters train (gradual unfreezing
+    restores the blocks unfrozen so far), and the check compares those with the checkpoint's; a
+    refused checkpoint leaves the method as it was.
+    """
+    def current() -> dict[str, Any]:
+        return identity() if callable(identity) else identity
+
+    before = method.state_dict()
+    if ckpt.identity.get("method") == current().get("method"):  # another method's state would not fit (refused below)
+        method.load_state_dict(ckpt.method)
+    try:
+        check_compatible(ckpt, model, optimizer, current())
+    except CheckpointMismatch:
+        method.load_state_dict(before)
+        raise
+    return apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, say)
+
+
+def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
            say: Callable[[str], None] = print) -> tuple[Path | None, LoopState]:
     """Load the checkpoint that ``resume`` names into the run; (None, fresh state) if there is none.
 
     ``resume=auto`` takes the newest checkpoint in ``output_dir/checkpoints`` that reads whole,
     saying which damaged ones it skipped; ``resume=<path>`` takes exactly that checkpoint. A
-    checkpoint of another model or method is never used.
+    checkpoint of another model or method is never used. ``identity`` may be a function: it is called
+    after the method's state is restored.
     """
     root = Path(output_dir) / "checkpoints"
     if resume == "auto":
@@ -269,8 +295,7 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
                 later = candidates[candidates.index(path) + 1:]
                 say(f"warning: {e} " + (f"Falling back to {later[0].name}." if later else ""))
                 continue
-            check_compatible(ckpt, model, optimizer, identity)
-            return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method, say)
+            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say)
         raise CheckpointDamaged(
             f"Every checkpoint in {root} is damaged ({', '.join(damaged)}), so training cannot resume. Delete "
             f"{root} and start again with overwrite=true, or pass resume=<path> to a good checkpoint."
@@ -288,5 +313,4 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
             f"{e} Pass resume=<path> to an earlier checkpoint (they are in {path.parent}), or resume=auto to "
             f"take the newest good one."
         ) from None
-    check_compatible(ckpt, model, optimizer, identity)
-    return path, apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, method, say)
+    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say)

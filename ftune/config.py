@@ -397,6 +397,12 @@ def _unknown_key(key: str, argv: list[str]) -> FtuneError:
             f"top-level keys are {', '.join(top)}. Fix the spelling on the command line."
         )
     keys = _group_keys(group, argv) if group in GROUPS else []
+    if group == "method" and name in ("schedule", "unfreeze_every", "unfreeze_unit", "lr_decay"):
+        chosen = next((a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("method=")), None)
+        if chosen:  # gradual unfreezing on a method that does not take it
+            from ftune.methods.unfreezing import unsupported
+
+            return unsupported(chosen, name)
     close = difflib.get_close_matches(name, keys, n=1)
     extra = ("" if group in SCHEMAS else
              f" If '{name}' is a real setting that configs/{group}/ does not list, add it with `++{key}=...`.")

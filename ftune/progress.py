@@ -73,6 +73,8 @@ def print_header(run, params: tuple[int, int]) -> None:
             f"  4-bit NF4: {report['quantization/layers_4bit']} linear layers quantized, {kept} kept in full precision"
             + (f" ({report['quantization/full_precision_reason']})" if kept else "")
         )
+    for line in run.method.header_lines(run.total_steps):  # e.g. the gradual unfreezing schedule
+        console.print(f"  {escape(line)}", soft_wrap=True)
     for line in run.data.report.header_lines():  # rows left out of the data (dataset.bad_rows=skip), blank lines
         console.print(f"  [yellow]data[/] {escape(line)}", soft_wrap=True)
 

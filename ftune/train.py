@@ -189,7 +189,7 @@ def setup(cfg: DictConfig) -> Run:
         batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // trainer.grad_accum)
     total_steps = trainer.max_steps or max(1, math.ceil(trainer.epochs * steps_per_epoch))
-    ctx.total_steps = total_steps
+    ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
     method.check(model, ctx)
     model = method.prepare(model, ctx).to(device)
     model.train()
@@ -222,8 +222,10 @@ def train_loop(run: Run) -> dict[str, Any]:
     lengths = [len(e["input_ids"]) for e in run.data.train]
     ckpt, loop = None, LoopState()
     if cfg.get("resume"):  # checkpoint.resume_from explains what it used, skipped or refused
+        # identity after the method's state is restored: it may unfreeze blocks (gradual unfreezing)
         ckpt, loop = resume_from(run.out, str(cfg.resume), model, run.optimizer, run.scheduler, run.scaler,
-                                 run.method, identity(run), say=lambda m: console.print(m, markup=False, soft_wrap=True))
+                                 run.method, lambda: identity(run),
+                                 say=lambda m: console.print(m, markup=False, soft_wrap=True))
     if ckpt is not None:
         console.print(f"Resuming from {ckpt} (step {loop.step} of {run.total_steps}).", markup=False, soft_wrap=True)
     save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
@@ -316,7 +318,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 elapsed = loop.train_seconds - window_start
                 row = {"step": loop.step, "epoch": round(loop.epoch + loop.position / max(len(batches), 1), 3),
                        "loss": loop.loss_sum / loop.loss_count, "lr": run.scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), **run.method.row_metrics(loop.step)}
                 log.log(row)
                 progress.update(loop.step, row)
                 window_tokens, window_start, loop.loss_sum, loop.loss_count = 0, loop.train_seconds, 0.0, 0

@@ -9,10 +9,17 @@ Hooks, in the order the trainer calls them::
     settings = MySettings(...)                   # validated from configs/method/<name>.yaml
     method.check(model, ctx)                     # raise MethodNotApplicable with a reason
     model = method.prepare(model, ctx)           # wrap / freeze / inject; only trainable params require grad
-    groups = method.param_groups(model, lr)      # optimizer parameter groups (LoRA+ overrides)
+    groups = method.param_groups(model, lr)      # optimizer parameter groups (LoRA+ overrides), all made up
+                                                 # front: a parameter frozen now but trained later (gradual
+                                                 # unfreezing) is in a group and gets no grad until then
+    method.header_lines(total_steps)             # lines for the run header (e.g. the unfreezing schedule)
     ... per micro-batch: loss = task loss + method.extra_loss(model, batch, outputs, step)
     ... per optimizer step: method.after_backward(model, step) before optimizer.step(),
-                            method.after_step(model, step) after it, before zero_grad()
+                            method.after_step(model, step) after it, before zero_grad() (it may
+                            change which parameters require grad: the next step trains those)
+    ... per logged row of metrics.jsonl: row.update(method.row_metrics(steps_done))
+    method.state_dict() / load_state_dict(state)  # checkpointed; on resume loaded before the checkpoint's
+                                                  # trainable tensors are compared with the model's
     method.save(model, run_dir / "adapter")      # what to keep
     model = method.load(base_model, adapter_dir, ctx)   # reload for eval / generate / resume
 """
@@ -52,6 +59,7 @@ class MethodContext:
     model_type: str  # transformers config.model_type, e.g. "llama", "gpt2", "bert"
     head_names: list[str] = field(default_factory=list)  # task-head modules that are always trained
     total_steps: int = 0  # optimizer steps of the real schedule
+    steps_per_epoch: int = 0  # optimizer steps of one pass over the training data
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compute_dtype: torch.dtype = torch.float32
     activation_checkpointing: bool = False
@@ -101,12 +109,20 @@ class Method:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called once per optimizer step, after optimizer.step(), before zero_grad()."""
 
+    def row_metrics(self, steps_done: int) -> dict[str, Any]:
+        """Values added to each training row of metrics.jsonl (e.g. ``unfrozen_blocks``); {} for none."""
+        return {}
+
+    def header_lines(self, total_steps: int) -> list[str]:
+        """Lines the run header prints about this method's schedule; [] for none."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Method state that a checkpoint must hold to resume exactly (beyond the weights)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore ``state_dict()``; it may change which parameters require grad (gradual unfreezing)."""
 
     # --- outputs --------------------------------------------------------------------------
     def save(self, model: nn.Module, out_dir: Path) -> None:
@@ -169,6 +185,12 @@ def build_method(method_cfg: Any) -> Method:
             f"(for example `ftune train method=lora`)."
         )
     cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls.settings_cls)}
+    from ftune.methods.unfreezing import SCHEDULE_KEYS, unsupported
+
+    stray = [k for k in SCHEDULE_KEYS if k in raw and k not in fields]
+    if stray:
+        raise unsupported(name, stray[0])
     try:
         schema = OmegaConf.structured(cls.settings_cls)
         merged = OmegaConf.merge(schema, method_yaml_defaults(name), raw)

@@ -32,6 +32,7 @@ from torch import nn
 from ftune.config import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, PROBABILITY, Range, ranged
 from ftune.errors import MethodNotApplicable
 from ftune.methods.base import Method, MethodContext, MethodSettings, register_method
+from ftune.methods.unfreezing import UnfreezeSettings, UnfreezesGradually
 
 PEFT_TASK = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 
@@ -86,7 +87,7 @@ class PeftMethod(Method):
 
 
 @dataclass
-class LoraSettings(MethodSettings):
+class LoraSettings(UnfreezeSettings):  # schedule=gradual: the blocks' adapters join one block at a time
     r: int = ranged(8, AT_LEAST_1)
     alpha: int = ranged(16, POSITIVE)
     dropout: float = ranged(0.05, PROBABILITY)
@@ -102,8 +103,12 @@ class LoraSettings(MethodSettings):
 
 
 @register_method("lora")
-class Lora(PeftMethod):
-    """LoRA (Hu et al. 2021): low-rank updates B·A on the target weights."""
+class Lora(UnfreezesGradually, PeftMethod):
+    """LoRA (Hu et al. 2021): low-rank updates B·A on the target weights.
+
+    ``method.schedule=gradual`` trains the top block's adapters first and adds the adapters of one more
+    block at a time, each at a lower lr (ftune.methods.unfreezing); the saved adapter holds every block's.
+    """
 
     settings_cls = LoraSettings
     mergeable = True
@@ -143,9 +148,12 @@ class Lora(PeftMethod):
         except ValueError as e:
             raise MethodNotApplicable(f"Invalid {self.name} settings: {e}") from None
 
+    def check(self, model, ctx):
+        self.check_blocks(model)
+
     def prepare(self, model, ctx):
         if not self.quantized:
-            return super().prepare(model, ctx)
+            return self.start_unfreezing(super().prepare(model, ctx), ctx)
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         from ftune.models import quantize_4bit
@@ -156,7 +164,7 @@ class Lora(PeftMethod):
             use_gradient_checkpointing=ctx.activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        return get_peft_model(model, self.peft_config(model, ctx))
+        return self.start_unfreezing(get_peft_model(model, self.peft_config(model, ctx)), ctx)
 
     def load(self, base_model, out_dir, ctx):
         if self.quantized:
@@ -221,6 +229,7 @@ class Pissa(Lora):
     settings_cls = PissaSettings
 
     def check(self, model, ctx):
+        super().check(model, ctx)
         init = str(self.settings.init_lora_weights)
         if not init.startswith("pissa"):
             raise MethodNotApplicable(
@@ -284,18 +293,20 @@ class LoraPlus(Lora):
     ``peft.optimizers.create_loraplus_optimizer``: A (and the task head's weight) at lr, B and every
     1-d parameter (biases, DoRA magnitudes) at lr × ratio, LoRA on embeddings at
     ``loraplus_lr_embedding``; parameters peft exempts from weight decay (biases, layer norms) get none.
-    The learning-rate schedule scales every group by the same factor.
+    The learning-rate schedule scales every group by the same factor; with ``method.schedule=gradual``
+    each of these groups is split by block.
     """
 
     settings_cls = LoraPlusSettings
 
     def check(self, model, ctx):
+        super().check(model, ctx)
         if self.settings.loraplus_lr_ratio <= 0:
             raise MethodNotApplicable(
                 f"method.loraplus_lr_ratio must be > 0 (LoRA+ uses 16), got {self.settings.loraplus_lr_ratio}."
             )
 
-    def param_groups(self, model, lr):
+    def base_param_groups(self, model, lr):
         from peft.optimizers import create_loraplus_optimizer
 
         s = self.settings

@@ -17,21 +17,23 @@ from torch import nn
 
 from ftune.config import NOT_NEGATIVE, ranged
 from ftune.errors import FtuneError, MethodNotApplicable
-from ftune.methods.base import Method, MethodContext, MethodSettings, register_method
+from ftune.methods.base import Method, MethodContext, register_method
+from ftune.methods.unfreezing import UnfreezeSettings, UnfreezesGradually
 
 WEIGHTS_FILE = "weights.safetensors"
 INDEX_FILE = "ftune_weights.json"
 
 
-def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the model's repeated transformer blocks."""
+def transformer_blocks(model: nn.Module, instead: str = "use method.trainable_patterns instead"
+                       ) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the model's repeated transformer blocks; ``instead`` ends the error."""
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.endswith(("layers", "layer", "h")):
             return name, module
     raise MethodNotApplicable(
         f"Could not find the transformer blocks of this {model.config.model_type} model (a ModuleList of "
-        f"{n_layers} layers), so layers cannot be frozen by index; use method.trainable_patterns instead."
+        f"{n_layers} layers), so layers cannot be frozen by index; {instead}."
     )
 
 
@@ -80,20 +82,31 @@ class Full(SelectiveMethod):
 
 
 @dataclass
-class FreezeSettings(MethodSettings):
-    trainable_layers: int = ranged(2, NOT_NEGATIVE)  # train the last N transformer blocks
+class FreezeSettings(UnfreezeSettings):
+    # train the last N transformer blocks (with schedule=gradual: every block, one after the other)
+    trainable_layers: int = ranged(2, NOT_NEGATIVE)
     trainable_patterns: list = field(default_factory=list)  # and parameters matching these globs
     train_final_norm: bool = True  # the norm after the last block
 
 
 @register_method("freeze")
-class Freeze(SelectiveMethod):
-    """Partial fine-tuning: freeze everything but the last N blocks (and matching parameters)."""
+class Freeze(UnfreezesGradually, SelectiveMethod):
+    """Partial fine-tuning: freeze everything but the last N blocks (and matching parameters).
+
+    ``method.schedule=gradual``: every block, unfrozen one at a time from the top (ftune.methods.unfreezing).
+    """
 
     settings_cls = FreezeSettings
 
+    @property
+    def layers(self) -> int | None:
+        """The number of trained blocks; None: all of them (gradual unfreezing)."""
+        return None if self.settings.schedule == "gradual" else self.settings.trainable_layers
+
     def check(self, model, ctx):
         s = self.settings
+        if self.layers is None:
+            return self.check_blocks(model)
         _, blocks = transformer_blocks(model)
         if s.trainable_layers < 0 or s.trainable_layers > len(blocks):
             raise MethodNotApplicable(
@@ -107,9 +120,9 @@ class Freeze(SelectiveMethod):
 
     def prepare(self, model, ctx):
         prefix, blocks = transformer_blocks(model)
-        first = len(blocks) - self.settings.trainable_layers
+        first = len(blocks) - (len(blocks) if self.layers is None else self.layers)
         self._prefixes = tuple(f"{prefix}.{i}." for i in range(first, len(blocks)))
-        return super().prepare(model, ctx)
+        return self.start_unfreezing(super().prepare(model, ctx), ctx)
 
     def is_trainable(self, name, model, ctx):
         s = self.settings
@@ -118,7 +131,7 @@ class Freeze(SelectiveMethod):
         if any(fnmatch.fnmatch(name, pat) for pat in s.trainable_patterns):
             return True
         # the final norm sits after the blocks: model.norm (llama), transformer.ln_f (gpt2)
-        return s.train_final_norm and s.trainable_layers > 0 and name.split(".")[-2] in ("norm", "ln_f")
+        return s.train_final_norm and self.layers != 0 and name.split(".")[-2] in ("norm", "ln_f")
 
 
 @register_method("bitfit")

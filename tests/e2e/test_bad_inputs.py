@@ -182,6 +182,9 @@ CASES = [
         "train", *[a for a in TINY if not a.startswith("model=")], "model=tiny_bert", "dataset=sentiment",
         "model.config.intermediate_size=48", "method=qlora", f"output_dir={d / 'out'}"],
         ["no linear layer it can quantize", "narrower than the 64-wide", "method=lora"]),
+    Case("gradual-unfreezing-without-blocks", lambda d, r: train("method=full", "method.schedule=gradual",
+                                                                 f"output_dir={d / 'out'}"),
+         ["gradual unfreezing", "'full' does not take it", "method=freeze method.schedule=gradual"]),
     Case("nan-skipping-cannot-save-diverged-weights", lambda d, r: train(
         "method=full", "optimizer=sgd", "optimizer.lr=1e30", "trainer.skip_nan_batches=true", "trainer.max_steps=40",
         f"output_dir={d / 'out'}"), ["step 2", "25 batches", "diverged", "lower optimizer.lr"], code=1, trains=True),
