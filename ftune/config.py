@@ -202,6 +202,10 @@ class TrainerConfig:
     eval_scorer: Optional[str] = None  # causal LM: exact_match | gsm8k, greedy answers scored at the final eval
     eval_before: bool = False  # evaluate (and score) the model before training too: eval_before/* metrics
     eval_max_new_tokens: int = ranged(32, AT_LEAST_1)  # eval_scorer: tokens generated per answer
+    metric_for_best: str = "eval/loss"  # what early_stopping_patience and keep_best compare
+    greater_is_better: Optional[bool] = None  # null: from the name (loss, perplexity: lower; accuracy, scores: higher)
+    early_stopping_patience: Optional[int] = ranged(None, AT_LEAST_1, "for no early stopping")  # evals without improvement
+    keep_best: bool = False  # the saved weights are those of the best evaluation (needs eval_every)
     log_every: int = ranged(10, AT_LEAST_1)
     max_grad_norm: Optional[float] = ranged(1.0, POSITIVE, "for no clipping")
     activation_checkpointing: bool = False
@@ -356,7 +360,7 @@ def check_target(node: DictConfig, group: str) -> None:
 
 
 # --- Hydra's composition errors, in ftune's words ---------------------------------------------------
-GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "recipes")
+GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "logger", "recipes")
 GROUP_HINTS = {
     "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
     "dataset": " Your own data: `dataset=instruction dataset.path=<file>` (or classification, chat, text).",
