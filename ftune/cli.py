@@ -52,11 +52,14 @@ def _verbose(argv: list[str]) -> bool:
 
 def report_error(err: BaseException, verbose: bool) -> None:
     """One paragraph naming the problem and the fix; the traceback only when asked for."""
+    from rich.markup import escape
+
     from ftune.progress import console
 
     if verbose:
         traceback.print_exception(err)
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+    # escaped: a message's own brackets (`pip install 'ftune[wandb]'`, `logger=[a,b]`) are text, not rich markup
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
 
 
 def _train_job(cfg) -> float | None:

@@ -53,7 +53,7 @@ class TrackedRun:
 class Tracker(Protocol):
     """One experiment tracker. ``status`` of finish: success, failed or killed."""
 
-    def start(self, config: dict[str, Any], run: TrackedRun) -> None: ...
+    def start(self, config: dict[str, Any], run: TrackedRun) -> str: ...  # says where the run is tracked
     def log(self, row: dict[str, Any], step: int) -> None: ...
     def log_final(self, metrics: dict[str, Any], step: int) -> None: ...
     def artifact(self, path: Path) -> None: ...
@@ -101,7 +101,7 @@ class TensorBoardTracker:
         self.settings = settings
         self.writer = None
 
-    def start(self, config: dict[str, Any], run: TrackedRun) -> None:
+    def start(self, config: dict[str, Any], run: TrackedRun) -> str:
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir = Path(self.settings.log_dir) / run.name if self.settings.log_dir else run.out / "tensorboard"
@@ -110,6 +110,7 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
         if purge is None:
             self.writer.add_text("config", "    " + OmegaConf.to_yaml(config).replace("\n", "\n    "), 0)
+        return str(log_dir)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         for k, v in numbers(row).items():
@@ -155,7 +156,7 @@ class MLflowTracker:
         self.settings = settings
         self.client = self.run_id = None
 
-    def start(self, config: dict[str, Any], run: TrackedRun) -> None:
+    def start(self, config: dict[str, Any], run: TrackedRun) -> str:
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -183,6 +184,7 @@ class MLflowTracker:
         params = [Param(k, str(v)[: self.MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
+        return f"{uri}, experiment {name}, run {s.run_name or run.name}"
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         import time
@@ -232,7 +234,7 @@ class WandbTracker:
             raise FtuneError(f"logger.wandb.mode must be one of {', '.join(self.MODES)} (got '{self.mode}'"
                              + ("" if settings.mode else " from $WANDB_MODE") + ").")
 
-    def start(self, config: dict[str, Any], run: TrackedRun) -> None:
+    def start(self, config: dict[str, Any], run: TrackedRun) -> str:
         import wandb
 
         s = self.settings
@@ -243,6 +245,7 @@ class WandbTracker:
         self.run = wandb.init(project=s.project or os.environ.get("WANDB_PROJECT") or "ftune", entity=s.entity,
                               name=s.name or run.name, group=s.group or run.group, tags=list(s.tags) or None,
                               config=config, dir=str(directory), mode=self.mode, settings=settings, reinit="create_new")
+        return f"{self.mode}, {Path(self.run.dir).parent}" + (f", group {self.run.group}" if self.run.group else "")
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -321,11 +324,14 @@ class Trackers:
 
     def start(self, config: DictConfig, out: Path, resumed_at: int | None = None) -> None:
         """Open a tracked run in each tracker; a tracker that cannot start stops the run before training."""
+        from ftune.progress import console
+
         plain = OmegaConf.to_container(config, resolve=True)
         run = tracked_run(out, resumed_at)
         for tracker in self.trackers:
             try:
-                tracker.start(plain, run)
+                where = tracker.start(plain, run)
+                console.print(f"  tracking  {tracker.name}: {where}", markup=False, soft_wrap=True)
             except Exception as e:
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
                 self.finish("failed")

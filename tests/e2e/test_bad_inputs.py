@@ -134,6 +134,13 @@ def fake_bitsandbytes(d: Path) -> dict[str, str]:
     return env(PYTHONPATH=str(d / "fakebnb"))
 
 
+def fake_wandb(d: Path) -> dict[str, str]:
+    pkg = d / "fakewandb" / "wandb"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("raise ImportError('wandb is not installed (simulated)')\n")
+    return env(PYTHONPATH=os.pathsep.join(p for p in (str(d / "fakewandb"), os.environ.get("PYTHONPATH")) if p))
+
+
 def a_file(d: Path) -> Path:
     f = d / "notes.txt"
     f.write_text("mine")
@@ -182,6 +189,14 @@ CASES = [
         "train", *[a for a in TINY if not a.startswith("model=")], "model=tiny_bert", "dataset=sentiment",
         "model.config.intermediate_size=48", "method=qlora", f"output_dir={d / 'out'}"],
         ["no linear layer it can quantize", "narrower than the 64-wide", "method=lora"]),
+    Case("early-stopping-without-eval-every", lambda d, r: train(
+        "trainer.early_stopping_patience=3", f"output_dir={d / 'out'}"),
+        ["trainer.early_stopping_patience", "eval_every is null", "trainer.eval_every=50"]),
+    Case("unknown-metric-for-best", lambda d, r: train(
+        "trainer.keep_best=true", "trainer.eval_every=1", "trainer.metric_for_best=eval/acc", f"output_dir={d / 'out'}"),
+        ["unknown trainer.metric_for_best 'eval/acc'", "eval/loss, eval/perplexity"]),
+    Case("logger-library-missing", lambda d, r: train("logger=wandb", f"output_dir={d / 'out'}"),
+         ["logger=wandb", "pip install 'ftune[wandb]'"], environ=fake_wandb),
     Case("nan-skipping-cannot-save-diverged-weights", lambda d, r: train(
         "method=full", "optimizer=sgd", "optimizer.lr=1e30", "trainer.skip_nan_batches=true", "trainer.max_steps=40",
         f"output_dir={d / 'out'}"), ["step 2", "25 batches", "diverged", "lower optimizer.lr"], code=1, trains=True),
