@@ -38,7 +38,7 @@ commands:
 {commands}
 
 Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
-scheduler=, trainer=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4).
+scheduler=, trainer=, logger=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4).
 `ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
 (`ftune train hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
 compare takes plain paths: run directories or sweep directories holding runs, plus out=DIR and
