@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from ftune.errors import FtuneError
+from ftune.trackers import Trackers, build_trackers
+
+from conftest import compose_train, run_cli
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -158,12 +161,50 @@ def test_wandb_offline_run_folder_per_job_in_one_group(sweep):
 @pytest.mark.parametrize("module,extra", [("wandb", "wandb"), ("mlflow", "mlflow"),
                                           ("torch.utils.tensorboard", "tensorboard")])
 def test_a_missing_library_is_named_with_its_extra(monkeypatch, module, extra):
-    from ftune.errors import FtuneError
-    from ftune.trackers import build_trackers
-
-    from conftest import compose_train
-
     monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
     with pytest.raises(FtuneError) as err:
         build_trackers(compose_train([f"logger=[{extra}]"]))
     assert f"pip install 'ftune[{extra}]'" in str(err.value) and "\n" not in str(err.value)
+
+
+class Flaky:
+    """A tracker whose server goes away after the first row."""
+
+    name = "flaky"
+
+    def __init__(self):
+        self.rows, self.finished = [], None
+
+    def start(self, config, run):
+        return "nowhere"
+
+    def log(self, row, step):
+        if self.rows:
+            raise ConnectionError("server gone")
+        self.rows.append((step, row))
+
+    def finish(self, status):
+        self.finished = status
+
+
+def test_a_tracker_that_fails_during_training_is_dropped_with_a_warning(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    flaky = Flaky()
+    trackers = Trackers([flaky])
+    trackers.start(OmegaConf.create({"seed": 1}), tmp_path)
+    trackers.log({"step": 1, "loss": 2.0})
+    trackers.log({"step": 2, "loss": 1.0})  # fails: dropped, training goes on
+    trackers.log({"step": 3, "loss": 0.5})
+    assert flaky.rows == [(1, {"step": 1, "loss": 2.0})]
+    assert "logger=flaky stopped working (ConnectionError: server gone)" in capsys.readouterr().out
+    trackers.finish("success")
+    assert flaky.finished is None  # no longer among the trackers
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
+    trackers = build_trackers(compose_train(["logger=[tensorboard,mlflow]", "logger.mlflow.tracking_uri=bogus://x"]))
+    with pytest.raises(FtuneError) as err:
+        trackers.start(compose_train([]), tmp_path)
+    assert "logger=mlflow could not start" in str(err.value) and "logger.mlflow" in str(err.value)
+    assert not trackers  # the TensorBoard writer that had started was closed
