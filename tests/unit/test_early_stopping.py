@@ -147,3 +147,17 @@ def test_settings_that_cannot_work_are_refused_in_one_paragraph(settings, task, 
 def test_a_scored_metric_is_accepted_with_its_scorer():
     check_best_settings(TrainerConfig(metric_for_best="exact_match", eval_scorer="exact_match",
                                       early_stopping_patience=2, eval_every=5), "causal_lm", True)
+
+
+def test_stopping_early_with_a_scorer_scores_once_and_logs_no_evaluation_twice(diverging, tmp_path):
+    """trainer.eval_scorer scores the final evaluation only: at the stop step just its scores are added."""
+    out, metrics, _ = diverging
+    scored = tmp_path / "scored"
+    again = train(compose_train([*DIVERGING, "trainer.eval_scorer=exact_match", "trainer.eval_max_new_tokens=2",
+                                 "trainer.save_every=null"], scored))
+    stop = metrics["stopped_early_at_step"]
+    assert (again["stopped_early_at_step"], again["best_step"]) == (stop, metrics["best_step"])
+    at_stop = [r for r in read_metrics(scored / "metrics.jsonl") if r["step"] == stop and "loss" not in r]
+    assert [sorted(r) for r in at_stop] == [["eval/examples", "eval/loss", "eval/perplexity", "step"],
+                                           ["eval/exact_match", "eval/scored", "step"]]
+    assert "eval/exact_match" in again and again["eval/loss"] == metrics["eval/loss"]
