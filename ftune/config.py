@@ -361,6 +361,7 @@ def check_target(node: DictConfig, group: str) -> None:
 
 # --- Hydra's composition errors, in ftune's words ---------------------------------------------------
 GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "logger", "recipes")
+NESTED_GROUPS = ("logger",)  # one sub-node per chosen option, each checked against its tracker's settings
 GROUP_HINTS = {
     "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
     "dataset": " Your own data: `dataset=instruction dataset.path=<file>` (or classification, chat, text).",
@@ -380,11 +381,16 @@ def _group_keys(group: str, argv: list[str]) -> list[str]:
     if chosen is None:  # the default of train.yaml
         defaults = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml")).get("defaults", [])
         chosen = next((d[group] for d in defaults if isinstance(d, dict) and group in d), None)
-    files = [config_dir() / group / f"{chosen}.yaml"] if chosen else list((config_dir() / group).glob("*.yaml"))
+    names = str(chosen).strip("[]").split(",") if chosen else []  # `logger=[tensorboard,mlflow]` chooses several
+    files = [config_dir() / group / f"{n.strip()}.yaml" for n in names] or list((config_dir() / group).glob("*.yaml"))
     keys: set[str] = set()
     for f in files:
         if f.exists():
-            keys |= {k for k in OmegaConf.load(f) if k != "defaults"}
+            node = OmegaConf.load(f)
+            if group in NESTED_GROUPS:  # logger.<tracker>.<key>
+                keys |= {f"{top}.{k}" for top in node for k in (node[top] or {})}
+            else:
+                keys |= {k for k in node if k != "defaults"}
     return sorted(keys)
 
 
@@ -402,7 +408,7 @@ def _unknown_key(key: str, argv: list[str]) -> FtuneError:
         )
     keys = _group_keys(group, argv) if group in GROUPS else []
     close = difflib.get_close_matches(name, keys, n=1)
-    extra = ("" if group in SCHEMAS else
+    extra = ("" if group in SCHEMAS or group in NESTED_GROUPS else
              f" If '{name}' is a real setting that configs/{group}/ does not list, add it with `++{key}=...`.")
     return FtuneError(
         f"Unknown config key '{key}'" + (f"; did you mean '{group}.{close[0]}'?" if close else ".")
@@ -429,7 +435,7 @@ def explain_config_error(err: BaseException, argv: list[str], command: str = "tr
                               f"(a new or empty directory whose parents are directories).")
         return FtuneError(f"Cannot access '{err.filename}': {err.strerror}. Check the path and its permissions.")
     if isinstance(err, MissingConfigException):
-        m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
+        m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
         if m:
             group, option = m.groups()
             options = [o for o in group_options(group) if o != "schema"] or re.findall(r"^\t(\S+)$", msg, re.M)

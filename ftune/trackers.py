@@ -94,7 +94,7 @@ class TensorBoardSettings:
 class TensorBoardTracker:
     """Scalars per step, the config and final metrics as text, loss.png as an image (torch's SummaryWriter)."""
 
-    name, extra, module = "tensorboard", "tensorboard", "torch.utils.tensorboard"
+    name, package, module = "tensorboard", "tensorboard", "torch.utils.tensorboard"
     Settings: ClassVar[type] = TensorBoardSettings
 
     def __init__(self, settings: TensorBoardSettings):
@@ -148,7 +148,7 @@ class MLflowSettings:
 class MLflowTracker:
     """Params (the flattened config), metrics per step, final/* metrics, artifacts; through MlflowClient."""
 
-    name, extra, module = "mlflow", "mlflow", "mlflow"
+    name, package, module = "mlflow", "mlflow-skinny", "mlflow"
     Settings: ClassVar[type] = MLflowSettings
     MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -223,7 +223,7 @@ class WandbSettings:
 class WandbTracker:
     """wandb.init(config=...), wandb.log(row, step=...), final metrics in the run's summary, files saved."""
 
-    name, extra, module = "wandb", "wandb", "wandb"
+    name, package, module = "wandb", "wandb", "wandb"
     Settings: ClassVar[type] = WandbSettings
     MODES = ("online", "offline", "disabled")
 
@@ -263,7 +263,6 @@ class WandbTracker:
 
 
 TRACKERS: dict[str, type] = {t.name: t for t in (TensorBoardTracker, MLflowTracker, WandbTracker)}
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}
 
 
 def _import(kind: type) -> None:
@@ -271,8 +270,8 @@ def _import(kind: type) -> None:
         importlib.import_module(kind.module)
     except ImportError as e:
         raise FtuneError(
-            f"logger={kind.name} needs the {PACKAGES[kind.name]} package, which is not installed ({e}). Install it "
-            f"with `pip install 'ftune[{kind.extra}]'`, or train without it (leave {kind.name} out of logger=)."
+            f"logger={kind.name} needs the {kind.package} package, which is not installed ({e}). Install it "
+            f"with `pip install 'ftune[{kind.name}]'`, or train without it (leave {kind.name} out of logger=)."
         ) from None
 
 
