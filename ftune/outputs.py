@@ -14,6 +14,7 @@
       loss.png         training loss (and eval loss) against steps
       README.md        model card: base model, method, data, command, metrics
       tensorboard/ wandb/ mlflow.db mlartifacts/   what the chosen experiment trackers (logger=) wrote
+      trackers.json    their tracked runs' ids (MLflow, W&B), so that resume=auto continues those runs
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ftune.errors import FtuneError
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
                  "loss.png", "README.md", "checkpoints", "eval.json", "error.txt", "confusion.png",
                  "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
-                 "tensorboard", "wandb", "mlflow.db", "mlartifacts")
+                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json")
 
 
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:

@@ -44,6 +44,7 @@ class TrackedRun:
     name: str  # the run's name in the tracker: its directory's name (a sweep job's sub-directory)
     sweep: Path | None = None  # the sweep directory of a multirun job
     resumed_at: int | None = None  # the checkpoint step a resumed run continues from
+    run_ids: dict[str, str] = field(default_factory=dict)  # a resumed run's tracked-run ids (trackers.json)
 
     @property
     def group(self) -> str | None:
@@ -177,6 +178,12 @@ class MLflowTracker:
                 experiment_id = self.client.get_experiment_by_name(name).experiment_id
         else:
             experiment_id = experiment.experiment_id
+        where = f"{uri}, experiment {name}, run {s.run_name or run.name}"
+        previous = run.run_ids.get(self.name)
+        if previous and self._exists(previous, experiment_id):  # resume=auto: the same tracked run goes on
+            self.run_id = previous
+            self.client.update_run(previous, status="RUNNING")
+            return f"{where} (continued)"
         tags = {**s.tags, "ftune.run_dir": str(run.out.resolve())}
         if run.sweep is not None:
             tags["ftune.sweep"] = str(run.sweep.resolve())
@@ -184,7 +191,15 @@ class MLflowTracker:
         params = [Param(k, str(v)[: self.MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
-        return f"{uri}, experiment {name}, run {s.run_name or run.name}"
+        return where
+
+    def _exists(self, run_id: str, experiment_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.experiment_id == experiment_id
+        except MlflowException:
+            return False
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         import time
@@ -228,7 +243,7 @@ class WandbTracker:
     MODES = ("online", "offline", "disabled")
 
     def __init__(self, settings: WandbSettings):
-        self.settings, self.run = settings, None
+        self.settings, self.run, self.run_id = settings, None, None
         self.mode = settings.mode or os.environ.get("WANDB_MODE") or "offline"
         if self.mode not in self.MODES:
             raise FtuneError(f"logger.wandb.mode must be one of {', '.join(self.MODES)} (got '{self.mode}'"
@@ -242,9 +257,12 @@ class WandbTracker:
         directory.mkdir(parents=True, exist_ok=True)
         # console=off: W&B leaves stdout alone (ftune's progress bar); silent: it prints nothing itself
         settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, x_save_requirements=False)
-        self.run = wandb.init(project=s.project or os.environ.get("WANDB_PROJECT") or "ftune", entity=s.entity,
+        previous = run.run_ids.get(self.name)  # resume=auto: the same W&B run goes on
+        self.run = wandb.init(id=previous, resume="allow" if previous else None,
+                              project=s.project or os.environ.get("WANDB_PROJECT") or "ftune", entity=s.entity,
                               name=s.name or run.name, group=s.group or run.group, tags=list(s.tags) or None,
                               config=config, dir=str(directory), mode=self.mode, settings=settings, reinit="create_new")
+        self.run_id = self.run.id
         return f"{self.mode}, {Path(self.run.dir).parent}" + (f", group {self.run.group}" if self.run.group else "")
 
     def log(self, row: dict[str, Any], step: int) -> None:
@@ -297,8 +315,11 @@ def build_trackers(cfg: DictConfig) -> Trackers:
     return Trackers(chosen)
 
 
+RUN_IDS = "trackers.json"  # in the run directory: the tracked runs' ids, so that resume=auto continues them
+
+
 def tracked_run(out: Path, resumed_at: int | None) -> TrackedRun:
-    """The run's name and, for a job of a Hydra multirun, its sweep directory."""
+    """The run's name, for a job of a Hydra multirun its sweep directory, and a resumed run's tracked-run ids."""
     sweep = None
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -308,7 +329,9 @@ def tracked_run(out: Path, resumed_at: int | None) -> TrackedRun:
             sweep = Path(hydra_cfg.sweep.dir)
     except (ImportError, ValueError):  # not inside a Hydra app (train(cfg) from Python)
         pass
-    return TrackedRun(out=Path(out), name=Path(out).resolve().name, sweep=sweep, resumed_at=resumed_at)
+    ids_file = Path(out) / RUN_IDS
+    ids = json.loads(ids_file.read_text()) if resumed_at is not None and ids_file.exists() else {}
+    return TrackedRun(out=Path(out), name=Path(out).resolve().name, sweep=sweep, resumed_at=resumed_at, run_ids=ids)
 
 
 class Trackers:
@@ -340,6 +363,9 @@ class Trackers:
                     f"variables, or train without it; nothing was trained."
                 ) from None
         self.started = True
+        ids = {t.name: t.run_id for t in self.trackers if getattr(t, "run_id", None)}
+        if ids:
+            (Path(out) / RUN_IDS).write_text(json.dumps(ids, indent=1) + "\n")
 
     def _each(self, call: str, *args: Any) -> None:
         for tracker in list(self.trackers):

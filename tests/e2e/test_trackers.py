@@ -208,3 +208,38 @@ def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
         trackers.start(compose_train([]), tmp_path)
     assert "logger=mlflow could not start" in str(err.value) and "logger.mlflow" in str(err.value)
     assert not trackers  # the TensorBoard writer that had started was closed
+
+
+def test_a_resumed_run_continues_its_tracked_runs(tmp_path, monkeypatch):
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ftune.train import train
+
+    for key, folder in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(key, str(tmp_path / "home" / folder))
+    out = tmp_path / "run"
+    args = ["model=tiny_llama", "dataset=demo_instructions", "dataset.max_samples=32", "dataset.max_eval_samples=8",
+            "trainer.save_every=2", "trainer.keep_checkpoints=5", "logger=[tensorboard,mlflow,wandb]"]
+    train(compose_train(args, out))
+    ids = json.loads((out / "trackers.json").read_text())
+    assert set(ids) == {"mlflow", "wandb"}
+    train(compose_train([*args, f"resume={out / 'checkpoints' / 'step-000002'}"], out))  # steps 3 and 4 again
+    assert json.loads((out / "trackers.json").read_text()) == ids
+    rows = {r["step"]: r for r in rows_of(out) if "loss" in r}
+    assert sorted(rows) == [1, 2, 3, 4]
+    # MLflow: still one run, finished again; steps 3 and 4 were logged twice (the same values: resume is exact)
+    mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ftune"])
+    assert list(runs["run_id"]) == [ids["mlflow"]] and list(runs["status"]) == ["FINISHED"]
+    history = sorted((m.step, m.value) for m in mlflow.tracking.MlflowClient().get_metric_history(ids["mlflow"], "loss"))
+    assert [s for s, _ in history] == [1, 2, 3, 3, 4, 4]
+    assert all(v == pytest.approx(rows[s]["loss"]) for s, v in history)
+    # W&B: a second offline folder of the same run, which `wandb sync` appends to it
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(ids["wandb"]) for f in folders)
+    # TensorBoard: one curve, the resumed events replacing those logged after the checkpoint
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("loss")] == [
+        (s, r["loss"]) for s, r in sorted(rows.items())]
