@@ -105,13 +105,21 @@ def test_tensorboard_gets_every_row_the_config_final_metrics_and_the_plot(sweep)
         assert "max_steps: 4" in config and "optimizer:" in config
 
 
-def test_mlflow_has_one_experiment_with_a_run_per_job(sweep):
+def use_store(monkeypatch, uri: str) -> None:
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which later runs of this process would obey."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
+    mlflow.set_tracking_uri(uri)
+
+
+def test_mlflow_has_one_experiment_with_a_run_per_job(sweep, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     root, _ = sweep
     uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"  # the sweep's jobs share one store
-    mlflow.set_tracking_uri(uri)
+    use_store(monkeypatch, uri)
     runs = mlflow.search_runs(experiment_names=["ftune"], order_by=["attributes.run_name"])
     assert list(runs["tags.mlflow.runName"]) == ["0_lora", "1_lora"]
     assert set(runs["status"]) == {"FINISHED"}
@@ -229,7 +237,7 @@ def test_a_resumed_run_continues_its_tracked_runs(tmp_path, monkeypatch):
     rows = {r["step"]: r for r in rows_of(out) if "loss" in r}
     assert sorted(rows) == [1, 2, 3, 4]
     # MLflow: still one run, finished again; steps 3 and 4 were logged twice (the same values: resume is exact)
-    mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    use_store(monkeypatch, f"sqlite:///{out.resolve() / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ftune"])
     assert list(runs["run_id"]) == [ids["mlflow"]] and list(runs["status"]) == ["FINISHED"]
     history = sorted((m.step, m.value) for m in mlflow.tracking.MlflowClient().get_metric_history(ids["mlflow"], "loss"))
