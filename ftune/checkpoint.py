@@ -3,8 +3,11 @@
     <output_dir>/checkpoints/step-000050/
       trainable.safetensors   every parameter that requires grad, by name
       optimizer.pt scheduler.pt scaler.pt rng.pt method.pt   (torch.load(weights_only=True))
+      best.safetensors        trainer.keep_best: the trainable tensors of the best evaluation so far (absent
+                              when that is this step's, or without keep_best)
       state.json              step, epoch, position in the epoch's batches, tokens seen, the loss of the
-                              logging window not yet logged, skipped NaN batches, identity, file sizes
+                              logging window not yet logged, skipped NaN batches, the best evaluation so far
+                              and the evaluations since (early stopping), identity, file sizes
 
 A checkpoint is written to ``.tmp-step-N``, flushed to disk and renamed when complete; rename is
 atomic, so any ``step-N`` directory is whole. Only the last ``keep`` are kept. Resuming reads and
@@ -33,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from ftune.errors import FtuneError, TrainingFailed
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "method.pt")
+BEST_FILE = "best.safetensors"  # trainer.keep_best, when the best evaluation is not the checkpoint's own step
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -46,6 +50,9 @@ class LoopState:
     loss_sum: float = 0.0  # summed step losses of the logging window not yet logged
     loss_count: int = 0  # steps in that window
     skipped_nan: int = 0  # batches skipped because their loss was NaN/inf (trainer.skip_nan_batches)
+    best_step: int | None = None  # the step of the best evaluation of trainer.metric_for_best so far
+    best_value: float | None = None  # its value
+    evals_without_improvement: int = 0  # evaluations since then (trainer.early_stopping_patience)
 
 
 class CheckpointDamaged(FtuneError):
@@ -104,8 +111,11 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, scaler, method,
-                    identity: dict[str, Any], keep: int) -> Path:
-    """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights."""
+                    identity: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights.
+
+    ``best``: the trainable tensors of the best evaluation so far (trainer.keep_best), as best.safetensors.
+    """
     tensors = trainable_tensors(model)
     broken = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:
@@ -126,9 +136,11 @@ def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, sc
     torch.save(scaler.state_dict() if scaler is not None else {}, tmp / "scaler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
-    sizes = {name: (tmp / name).stat().st_size for name in FILES}
+    if best:
+        save_file(best, str(tmp / BEST_FILE))
+    sizes = {name: (tmp / name).stat().st_size for name in (*FILES, *([BEST_FILE] if best else []))}
     (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "identity": identity, "sizes": sizes}, indent=1))
-    for name in (*FILES, "state.json"):
+    for name in (*sizes, "state.json"):
         _fsync(tmp / name)
     _fsync(tmp)
     if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
@@ -158,6 +170,7 @@ class Checkpoint:
     method: dict
     rng: dict
     identity: dict
+    best: dict[str, torch.Tensor] | None = None  # best.safetensors (trainer.keep_best)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -175,6 +188,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         ckpt = Checkpoint(path, loop, load_file(str(path / "trainable.safetensors")), files["optimizer.pt"],
                           files["scheduler.pt"], files["scaler.pt"], files["method.pt"], files["rng.pt"],
                           dict(state["identity"]))
+        if (path / BEST_FILE).exists():
+            ckpt.best = load_file(str(path / BEST_FILE))
         return ckpt
     except Exception as e:  # a damaged file of any kind
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -219,9 +234,11 @@ def _base_lrs(groups: list[dict]) -> list[float]:
 
 
 def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler,
-                     say: Callable[[str], None] = print) -> LoopState:
+                     say: Callable[[str], None] = print, best: Any = None) -> LoopState:
     """Put the weights, optimizer, scheduler, scaler and RNG states of ``ckpt`` in place (the method's
     state is restored before the compatibility check, by ``resume_from``).
+
+    ``best`` (an ``ftune.early_stopping.BestEvaluation``) takes the checkpoint's best weights, if any.
 
     The learning rates come back with the optimizer and scheduler states: a run resumed with another
     optimizer.lr keeps the checkpoint's schedule, and ``say`` warns about it.
@@ -243,6 +260,8 @@ def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler,
     if scaler is not None and ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)
     _set_rng_state(ckpt.rng)
+    if best is not None:
+        best.load(ckpt)
     return ckpt.loop
 
 
@@ -250,7 +269,7 @@ IdentityOf = dict[str, Any] | Callable[[], dict[str, Any]]  # what a checkpoint 
 
 
 def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
-         say: Callable[[str], None]) -> LoopState:
+         say: Callable[[str], None], best: Any = None) -> LoopState:
     """Restore the method's state, check that ``ckpt`` fits this run, then apply it.
 
     The method's state comes first because it may change which parameters train (gradual unfreezing
@@ -268,11 +287,11 @@ def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity
     except CheckpointMismatch:
         method.load_state_dict(before)
         raise
-    return apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, say)
+    return apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, say, best)
 
 
 def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
-           say: Callable[[str], None] = print) -> tuple[Path | None, LoopState]:
+                say: Callable[[str], None] = print, best: Any = None) -> tuple[Path | None, LoopState]:
     """Load the checkpoint that ``resume`` names into the run; (None, fresh state) if there is none.
 
     ``resume=auto`` takes the newest checkpoint in ``output_dir/checkpoints`` that reads whole,
@@ -295,7 +314,7 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
                 later = candidates[candidates.index(path) + 1:]
                 say(f"warning: {e} " + (f"Falling back to {later[0].name}." if later else ""))
                 continue
-            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say)
+            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, best)
         raise CheckpointDamaged(
             f"Every checkpoint in {root} is damaged ({', '.join(damaged)}), so training cannot resume. Delete "
             f"{root} and start again with overwrite=true, or pass resume=<path> to a good checkpoint."
@@ -313,4 +332,4 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
             f"{e} Pass resume=<path> to an earlier checkpoint (they are in {path.parent}), or resume=auto to "
             f"take the newest good one."
         ) from None
-    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say)
+    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, best)

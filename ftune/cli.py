@@ -38,7 +38,7 @@ commands:
 {commands}
 
 Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
-scheduler=, trainer=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4). `ftune train`
+scheduler=, trainer=, logger=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4). `ftune train`
 with no model, dataset or recipe chosen runs the quickstart recipe (SmolLM2 learning a small task).
 `ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
 (`ftune train hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
@@ -53,11 +53,14 @@ def _verbose(argv: list[str]) -> bool:
 
 def report_error(err: BaseException, verbose: bool) -> None:
     """One paragraph naming the problem and the fix; the traceback only when asked for."""
+    from rich.markup import escape
+
     from ftune.progress import console
 
     if verbose:
         traceback.print_exception(err)
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+    # escaped: a message's own brackets (`pip install 'ftune[wandb]'`, `logger=[a,b]`) are text, not rich markup
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
 
 
 def _train_job(cfg) -> float | None:

@@ -202,6 +202,10 @@ class TrainerConfig:
     eval_scorer: Optional[str] = None  # causal LM: exact_match | gsm8k, greedy answers scored at the final eval
     eval_before: bool = False  # evaluate (and score) the model before training too: eval_before/* metrics
     eval_max_new_tokens: int = ranged(32, AT_LEAST_1)  # eval_scorer: tokens generated per answer
+    metric_for_best: str = "eval/loss"  # what early_stopping_patience and keep_best compare
+    greater_is_better: Optional[bool] = None  # null: from the name (loss, perplexity: lower; accuracy, scores: higher)
+    early_stopping_patience: Optional[int] = ranged(None, AT_LEAST_1, "for no early stopping")  # evals without improvement
+    keep_best: bool = False  # the saved weights are those of the best evaluation (needs eval_every)
     log_every: int = ranged(10, AT_LEAST_1)
     max_grad_norm: Optional[float] = ranged(1.0, POSITIVE, "for no clipping")
     activation_checkpointing: bool = False
@@ -356,7 +360,8 @@ def check_target(node: DictConfig, group: str) -> None:
 
 
 # --- Hydra's composition errors, in ftune's words ---------------------------------------------------
-GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "recipes")
+GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "logger", "recipes")
+NESTED_GROUPS = ("logger",)  # one sub-node per chosen option, each checked against its tracker's settings
 GROUP_HINTS = {
     "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
     "dataset": " Your own data: `dataset=instruction dataset.path=<file>` (or classification, chat, text).",
@@ -376,11 +381,16 @@ def _group_keys(group: str, argv: list[str]) -> list[str]:
     if chosen is None:  # the default of train.yaml
         defaults = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml")).get("defaults", [])
         chosen = next((d[group] for d in defaults if isinstance(d, dict) and group in d), None)
-    files = [config_dir() / group / f"{chosen}.yaml"] if chosen else list((config_dir() / group).glob("*.yaml"))
+    names = str(chosen).strip("[]").split(",") if chosen else []  # `logger=[tensorboard,mlflow]` chooses several
+    files = [config_dir() / group / f"{n.strip()}.yaml" for n in names] or list((config_dir() / group).glob("*.yaml"))
     keys: set[str] = set()
     for f in files:
         if f.exists():
-            keys |= {k for k in OmegaConf.load(f) if k != "defaults"}
+            node = OmegaConf.load(f)
+            if group in NESTED_GROUPS:  # logger.<tracker>.<key>
+                keys |= {f"{top}.{k}" for top in node for k in (node[top] or {})}
+            else:
+                keys |= {k for k in node if k != "defaults"}
     return sorted(keys)
 
 
@@ -404,7 +414,7 @@ def _unknown_key(key: str, argv: list[str]) -> FtuneError:
 
             return unsupported(chosen, name)
     close = difflib.get_close_matches(name, keys, n=1)
-    extra = ("" if group in SCHEMAS else
+    extra = ("" if group in SCHEMAS or group in NESTED_GROUPS else
              f" If '{name}' is a real setting that configs/{group}/ does not list, add it with `++{key}=...`.")
     return FtuneError(
         f"Unknown config key '{key}'" + (f"; did you mean '{group}.{close[0]}'?" if close else ".")
@@ -431,7 +441,7 @@ def explain_config_error(err: BaseException, argv: list[str], command: str = "tr
                               f"(a new or empty directory whose parents are directories).")
         return FtuneError(f"Cannot access '{err.filename}': {err.strerror}. Check the path and its permissions.")
     if isinstance(err, MissingConfigException):
-        m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
+        m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
         if m:
             group, option = m.groups()
             options = [o for o in group_options(group) if o != "schema"] or re.findall(r"^\t(\S+)$", msg, re.M)

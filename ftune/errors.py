@@ -21,3 +21,7 @@ class TrainingFailed(FtuneError):
     """Training stopped (for example the loss became NaN); the last good checkpoint is kept."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(TrainingFailed):
+    """Training stopped on a signal (Ctrl-C, SIGTERM); a checkpoint was saved to resume from."""

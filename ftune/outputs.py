@@ -8,9 +8,13 @@
       metrics.jsonl    one JSON object per logging step: step, loss, lr, tokens_per_s (+ eval rows)
       metrics.json     final metrics: eval/*, trainable_params, total_params, trainable_percent,
                        train_runtime_s, tokens_per_s, peak_memory_mb (+ data/skipped_rows with
-                       dataset.bad_rows=skip: the bad rows left out of the data)
+                       dataset.bad_rows=skip: the bad rows left out of the data; with early stopping
+                       or keep_best: best_metric, best_value, best_step, weights_from_step,
+                       stopped_early_at_step)
       loss.png         training loss (and eval loss) against steps
       README.md        model card: base model, method, data, command, metrics
+      tensorboard/ wandb/ mlflow.db mlartifacts/   what the chosen experiment trackers (logger=) wrote
+      trackers.json    their tracked runs' ids (MLflow, W&B), so that resume=auto continues those runs
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,8 @@ from ftune.errors import FtuneError
 
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
                  "loss.png", "README.md", "checkpoints", "eval.json", "error.txt", "confusion.png",
-                 "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png")
+                 "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
+                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json")
 
 
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
@@ -81,8 +87,9 @@ def load_run_config(run_dir: Path) -> DictConfig:
 class MetricsLog:
     """Appends one JSON line per logging step to metrics.jsonl (flushed, so a crash loses nothing)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_until_step: int | None = None,
+                 on_row: Callable[[dict[str, Any]], None] | None = None):
+        self.path, self.on_row = path, on_row  # on_row: each row also goes there (the experiment trackers)
         if keep_until_step is not None and path.exists():  # resume: drop lines logged after the checkpoint
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
@@ -93,6 +100,8 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.on_row is not None:
+            self.on_row(row)
 
 
 

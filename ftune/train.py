@@ -36,7 +36,8 @@ from ftune.config import (
 )
 from ftune.data import DataBundle, build_data, task_of
 from ftune.data.collate import Collator, epoch_batches
-from ftune.errors import FtuneError, TrainingFailed
+from ftune.early_stopping import BestEvaluation, check_best_settings
+from ftune.errors import FtuneError, TrainingFailed, TrainingInterrupted
 from ftune.evaluate import SCORERS, TargetLogits, evaluate_examples, has_eval_split, score_examples
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer, model_label
@@ -51,6 +52,7 @@ from ftune.packing import (
     packed_batches,
 )
 from ftune.progress import TrainProgress, console, print_header
+from ftune.trackers import Trackers, build_trackers
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Run:
     total_steps: int
     batches_per_epoch: int
     target_logits: TargetLogits  # causal LM: logits only at positions with a target
+    trackers: Trackers  # the `logger` group's experiment trackers (none by default)
 
     def epoch_batches(self, lengths: list[int], epoch: int) -> list[list[int]]:
         """The micro-batches (example indices) of ``epoch``: packed rows or padded batches."""
@@ -157,6 +160,8 @@ def setup(cfg: DictConfig) -> Run:
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
     task = task_of(data_cfg)
     check_scoring(trainer, task, has_eval_split(data_cfg))
+    check_best_settings(trainer, task, has_eval_split(data_cfg))
+    trackers = build_trackers(cfg)  # each chosen tracker's library imported now: a missing one is refused here
     if trainer.packing:
         check_packing_settings(task)
     device = resolve_device(trainer.device)
@@ -205,7 +210,7 @@ def setup(cfg: DictConfig) -> Run:
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
-               TargetLogits(model))
+               TargetLogits(model), trackers)
 
 
 def identity(run: Run) -> dict[str, Any]:
@@ -220,16 +225,20 @@ def train_loop(run: Run) -> dict[str, Any]:
     """Optimizer steps until ``total_steps``; returns the final metrics."""
     t, cfg, model = run.trainer, run.cfg, run.model
     lengths = [len(e["input_ids"]) for e in run.data.train]
+    best = BestEvaluation(t)  # trainer.metric_for_best, early_stopping_patience, keep_best
     ckpt, loop = None, LoopState()
     if cfg.get("resume"):  # checkpoint.resume_from explains what it used, skipped or refused
         # identity after the method's state is restored: it may unfreeze blocks (gradual unfreezing)
         ckpt, loop = resume_from(run.out, str(cfg.resume), model, run.optimizer, run.scheduler, run.scaler,
                                  run.method, lambda: identity(run),
-                                 say=lambda m: console.print(m, markup=False, soft_wrap=True))
+                                 say=lambda m: console.print(m, markup=False, soft_wrap=True), best=best)
     if ckpt is not None:
         console.print(f"Resuming from {ckpt} (step {loop.step} of {run.total_steps}).", markup=False, soft_wrap=True)
     save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
-    log = MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None)
+    run.trackers.start(cfg, run.out, resumed_at=loop.step if ckpt else None)
+    log = MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None, on_row=run.trackers.log)
+    # (step, metrics) of the latest evaluation during training (a resumed run's from its metrics.jsonl)
+    last_eval = next(((r["step"], r) for r in reversed(read_metrics(log.path)) if best.key in r), None) if ckpt else None
     batches = run.epoch_batches(lengths, loop.epoch)
 
     def next_batch() -> dict[str, torch.Tensor]:
@@ -240,6 +249,10 @@ def train_loop(run: Run) -> dict[str, Any]:
         idx = batches[loop.position]
         loop.position += 1
         return run.collator([run.data.train[i] for i in idx])
+
+    def checkpoint() -> Path:
+        return save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
+                               run.method, identity(run), t.keep_checkpoints, best.to_save(loop))
 
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -255,7 +268,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             f"{k.split('/', 1)[1]} {v:.4f}" for k, v in before.items() if isinstance(v, float)))
     progress.start(loop.step)
     try:
-        while loop.step < run.total_steps:
+        while loop.step < run.total_steps and not best.should_stop(loop):
             step_start = time.perf_counter()
             micro = [next_batch() for _ in range(t.grad_accum)]
             n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
@@ -325,18 +338,22 @@ def train_loop(run: Run) -> dict[str, Any]:
             else:
                 progress.update(loop.step, None)
             if t.eval_every and loop.step % t.eval_every == 0 and run.data.eval and loop.step < run.total_steps:
-                metrics = evaluate(run)
+                metrics = evaluate(run, score=best.needs_scores)
                 log.log({"step": loop.step, **metrics})
                 progress.print_eval(loop.step, metrics)
-            if t.save_every and (loop.step % t.save_every == 0 or loop.step == run.total_steps):
+                last_eval = (loop.step, metrics)
+                if best.active:
+                    best.update(loop, metrics, model)
+                    if best.should_stop(loop):
+                        console.print(f"[yellow]early stopping[/]: {best.key} has not improved for {best.patience} "
+                                      f"evaluations (best {loop.best_value:.4f} at step {loop.best_step}); training "
+                                      f"stops at step {loop.step} of {run.total_steps}.")
+            if t.save_every and (loop.step % t.save_every == 0 or loop.step == run.total_steps or best.should_stop(loop)):
                 # the last one too, before the final eval: a finished run can be extended with more steps
-                saved_at = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler,
-                                           run.scaler, run.method, identity(run), t.keep_checkpoints)
+                saved_at = checkpoint()
             if stop_signal:
-                path = saved_at if saved_at is not None and saved_at.name == f"step-{loop.step:06d}" else \
-                    save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler,
-                                    run.scaler, run.method, identity(run), t.keep_checkpoints)
-                raise TrainingFailed(
+                path = saved_at if saved_at is not None and saved_at.name == f"step-{loop.step:06d}" else checkpoint()
+                raise TrainingInterrupted(
                     f"Interrupted by signal {stop_signal[0]} at step {loop.step}; a checkpoint was saved to {path}. "
                     f"Continue with the same command plus resume=auto."
                 )
@@ -347,8 +364,7 @@ def train_loop(run: Run) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     if run.data.eval:
-        metrics.update(evaluate(run, score=True))
-        log.log({"step": loop.step, **metrics})
+        metrics.update(final_evaluation(run, loop, best, log, last_eval))
     # the base model's scores (step 0), also when this run resumed from a checkpoint
     metrics.update({k: v for row in read_metrics(log.path) if row.get("step") == 0
                     for k, v in row.items() if k.startswith("eval_before/")})
@@ -365,8 +381,34 @@ def train_loop(run: Run) -> dict[str, Any]:
     metrics.update(run.ctx.report)  # what the method reports about the model (e.g. layers kept out of 4-bit)
     if loop.skipped_nan:
         metrics["skipped_nan_batches"] = loop.skipped_nan
+    metrics.update(best.report(loop, stopped_early=best.should_stop(loop)))
     metrics.update(run.data.report.metrics())  # data/skipped_rows with dataset.bad_rows=skip
     return metrics
+
+
+def final_evaluation(run: Run, loop: LoopState, best: BestEvaluation, log: MetricsLog,
+                     last_eval: tuple[int, dict] | None) -> dict[str, Any]:
+    """The eval metrics of the weights the run saves: the last step's, or with keep_best the best evaluation's.
+
+    A run stopped early was just evaluated at this step: that evaluation is reused (only the scores of
+    trainer.eval_scorer, if evaluations during training had none, are computed and logged).
+    """
+    t = run.trainer
+    evaluated = last_eval[1] if last_eval is not None and last_eval[0] == loop.step else None
+    if evaluated is not None and (best.needs_scores or not t.eval_scorer):
+        final = dict(evaluated)
+    else:
+        final = evaluate(run, score=True)
+        log.log({"step": loop.step, **{k: v for k, v in final.items() if evaluated is None or k not in evaluated}})
+        if best.active and evaluated is None:  # the last step's evaluation is a candidate too
+            best.update(loop, final, run.model)
+    final = {k: v for k, v in final.items() if k.startswith("eval/")}
+    if best.keep and best.weights and best.weights_step != loop.step:
+        best.restore(run.model)
+        console.print(f"keep_best: the saved weights are those of step {best.weights_step}, the best evaluation "
+                      f"({best.key} {loop.best_value:.4f}), not of the last step {loop.step}.")
+        final = evaluate(run, score=True)  # metrics.json describes the weights that are saved
+    return final
 
 
 MAX_NAN_IN_A_ROW = 25  # with skip_nan_batches: this many bad steps in a row means the weights diverged
@@ -441,7 +483,7 @@ def current_rss_mb() -> float:
 
 
 def finish(run: Run, metrics: dict[str, Any]) -> None:
-    """Write the trained weights, tokenizer, metrics, plot and model card to the run directory."""
+    """Write the trained weights, tokenizer, metrics, plot and model card to the run directory (and trackers)."""
     run.method.save(run.model, run.out / "adapter")
     run.tokenizer.save_pretrained(str(run.out / "tokenizer"))
     if run.data.label_names:
@@ -450,13 +492,21 @@ def finish(run: Run, metrics: dict[str, Any]) -> None:
     plot_loss(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png",
               f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
     write_card(run.out, run.cfg, metrics)
+    run.trackers.log_final(metrics, step=metrics["train_steps"])
+    for name in ("loss.png", "metrics.json"):
+        run.trackers.artifact(run.out / name)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the final metrics."""
     run = setup(cfg)
     print_header(run, trainable_parameters(run.model))
-    metrics = train_loop(run)
-    finish(run, metrics)
+    try:
+        metrics = train_loop(run)
+        finish(run, metrics)
+    except BaseException as e:  # the tracked run ends too, marked as it ended
+        run.trackers.finish("killed" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "failed")
+        raise
+    run.trackers.finish("success")
     return metrics
 

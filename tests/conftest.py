@@ -19,6 +19,8 @@ from ftune.config import config_dir, validate_group
 
 # One intra-op thread: tiny models gain nothing from more, and tests stay fast beside other work.
 torch.set_num_threads(1)
+# Experiment trackers (logger=...) never reach the network in tests: W&B offline, no telemetry.
+os.environ.update({"WANDB_MODE": "offline", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 REPO = Path(__file__).resolve().parents[1]
 FTUNE = Path(sys.executable).parent / "ftune"

@@ -127,11 +127,16 @@ def run_of_another_model(d: Path, run: Path) -> Path:
     return copy
 
 
-def fake_bitsandbytes(d: Path) -> dict[str, str]:
-    pkg = d / "fakebnb" / "bitsandbytes"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text("raise ImportError('bitsandbytes is not installed (simulated)')\n")
-    return env(PYTHONPATH=str(d / "fakebnb"))
+def without(package: str) -> Callable[[Path], dict[str, str]]:
+    """An environment in which importing ``package`` fails as if it were not installed."""
+
+    def make(d: Path) -> dict[str, str]:
+        pkg = d / f"fake-{package}" / package
+        pkg.mkdir(parents=True, exist_ok=True)
+        (pkg / "__init__.py").write_text(f"raise ImportError('{package} is not installed (simulated)')\n")
+        return env(PYTHONPATH=os.pathsep.join(p for p in (str(pkg.parent), os.environ.get("PYTHONPATH")) if p))
+
+    return make
 
 
 def a_file(d: Path) -> Path:
@@ -177,7 +182,7 @@ CASES = [
     Case("method-not-applicable", lambda d, r: train("method=bitfit", f"output_dir={d / 'out'}"),
          ["bitfit", "bias", "lora"]),
     Case("qlora-without-bitsandbytes", lambda d, r: train("method=qlora", f"output_dir={d / 'out'}"),
-         ["bitsandbytes", "pip install bitsandbytes", "method=lora"], environ=fake_bitsandbytes),
+         ["bitsandbytes", "pip install bitsandbytes", "method=lora"], environ=without("bitsandbytes")),
     Case("qlora-with-nothing-to-quantize", lambda d, r: [
         "train", *[a for a in TINY if not a.startswith("model=")], "model=tiny_bert", "dataset=sentiment",
         "model.config.intermediate_size=48", "method=qlora", f"output_dir={d / 'out'}"],
@@ -185,6 +190,16 @@ CASES = [
     Case("gradual-unfreezing-without-blocks", lambda d, r: train("method=full", "method.schedule=gradual",
                                                                  f"output_dir={d / 'out'}"),
          ["gradual unfreezing", "'full' does not take it", "method=freeze method.schedule=gradual"]),
+    Case("early-stopping-without-eval-every", lambda d, r: train(
+        "trainer.early_stopping_patience=3", f"output_dir={d / 'out'}"),
+        ["trainer.early_stopping_patience", "eval_every is null", "trainer.eval_every=50"]),
+    Case("unknown-metric-for-best", lambda d, r: train(
+        "trainer.keep_best=true", "trainer.eval_every=1", "trainer.metric_for_best=eval/acc", f"output_dir={d / 'out'}"),
+        ["unknown trainer.metric_for_best 'eval/acc'", "eval/loss, eval/perplexity"]),
+    Case("logger-setting-typo", train("logger=[tensorboard,mlflow]", "logger.mlflow.trackinguri=x"),
+         ["logger.mlflow.trackinguri", "did you mean 'logger.mlflow.tracking_uri'"]),
+    Case("logger-library-missing", lambda d, r: train("logger=wandb", f"output_dir={d / 'out'}"),
+         ["logger=wandb", "pip install 'ftune[wandb]'"], environ=without("wandb")),
     Case("nan-skipping-cannot-save-diverged-weights", lambda d, r: train(
         "method=full", "optimizer=sgd", "optimizer.lr=1e30", "trainer.skip_nan_batches=true", "trainer.max_steps=40",
         f"output_dir={d / 'out'}"), ["step 2", "25 batches", "diverged", "lower optimizer.lr"], code=1, trains=True),
