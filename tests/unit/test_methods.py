@@ -148,7 +148,7 @@ def test_qlora_layers_really_are_4bit(make_cfg):
 
 
 def test_bitfit_count_on_bert(make_cfg):
-    cfg = make_cfg("method=bitfit", "model=tiny_bert")
+    cfg = make_cfg("method=bitfit", "model=tiny_bert", "dataset=sentiment")
     run = setup(cfg)
     assert trainable_parameters(run.model)[0] == expected("bitfit", "tiny_bert", cfg)
 
@@ -160,6 +160,6 @@ def test_bitfit_on_llama_explains_why_not(make_cfg):
 
 def test_classification_head_is_always_trainable(make_cfg):
     for method in ("lora", "freeze", "bitfit"):
-        run = setup(make_cfg(f"method={method}", "model=tiny_bert", out=method))
+        run = setup(make_cfg(f"method={method}", "model=tiny_bert", "dataset=sentiment", out=method))
         head = [n for n, p in run.model.named_parameters() if "classifier" in n and p.requires_grad]
         assert head, method

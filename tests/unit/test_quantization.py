@@ -63,7 +63,7 @@ def test_a_model_with_nothing_to_quantize_is_refused():
 def test_run_header_and_metrics_count_the_layers(make_cfg, tmp_path):
     # tiny_bert: per block query/key/value/attention output/intermediate read 32 inputs (kept), the FFN
     # output reads intermediate_size=64 (quantized); the pooler reads 32 (kept); the classifier is the head.
-    cfg = make_cfg("method=qlora", "model=tiny_bert", "trainer.max_steps=1", "dataset.max_samples=8",
+    cfg = make_cfg("method=qlora", "model=tiny_bert", "dataset=sentiment", "trainer.max_steps=1", "dataset.max_samples=8",
                    "dataset.max_eval_samples=4")
     metrics = train(cfg)
     layers = cfg.model.config.num_hidden_layers
