@@ -3,6 +3,7 @@
     <output_dir>/checkpoints/step-000050/
       trainable.safetensors   every parameter that requires grad, by name
       optimizer.pt scheduler.pt scaler.pt rng.pt method.pt   (torch.load(weights_only=True))
+      strategy.pt             the training strategy's state (distill: its loss sums), when the run has one
       state.json              step, epoch, position in the epoch's batches, tokens seen, the loss of the
                               logging window not yet logged, skipped NaN batches, identity, file sizes
 
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from ftune.errors import FtuneError, TrainingFailed
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "method.pt")
+STRATEGY_FILE = "strategy.pt"  # written when the run has a strategy (checkpoints before strategies lack it)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -104,7 +106,7 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, scaler, method,
-                    identity: dict[str, Any], keep: int) -> Path:
+                    identity: dict[str, Any], keep: int, strategy=None) -> Path:
     """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights."""
     tensors = trainable_tensors(model)
     broken = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -126,9 +128,12 @@ def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, sc
     torch.save(scaler.state_dict() if scaler is not None else {}, tmp / "scaler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
-    sizes = {name: (tmp / name).stat().st_size for name in FILES}
+    files = FILES if strategy is None else (*FILES, STRATEGY_FILE)
+    if strategy is not None:
+        torch.save(strategy.state_dict(), tmp / STRATEGY_FILE)
+    sizes = {name: (tmp / name).stat().st_size for name in files}
     (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "identity": identity, "sizes": sizes}, indent=1))
-    for name in (*FILES, "state.json"):
+    for name in (*files, "state.json"):
         _fsync(tmp / name)
     _fsync(tmp)
     if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
@@ -158,6 +163,7 @@ class Checkpoint:
     method: dict
     rng: dict
     identity: dict
+    strategy: dict = dataclasses.field(default_factory=dict)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -175,6 +181,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         ckpt = Checkpoint(path, loop, load_file(str(path / "trainable.safetensors")), files["optimizer.pt"],
                           files["scheduler.pt"], files["scaler.pt"], files["method.pt"], files["rng.pt"],
                           dict(state["identity"]))
+        if (path / STRATEGY_FILE).exists():
+            ckpt.strategy = torch.load(path / STRATEGY_FILE, weights_only=True)
         return ckpt
     except Exception as e:  # a damaged file of any kind
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -187,6 +195,7 @@ def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any
     """CheckpointMismatch if ``ckpt`` was written by a run of another model, method or task."""
     saved = ckpt.identity
     labels = {"model": "model", "method": "method", "task": "task", "trainable": "trainable parameters",
+              "strategy": "strategy (None: strategy=none)",
               "packing": "tokens per packed row (trainer.packing, trainer.pack_tokens; None: padded batches)"}
     mismatched = [f"{labels.get(k, k)}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
                   for k, v in identity.items() if saved.get(k) != v]
@@ -250,7 +259,7 @@ IdentityOf = dict[str, Any] | Callable[[], dict[str, Any]]  # what a checkpoint 
 
 
 def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
-         say: Callable[[str], None]) -> LoopState:
+         say: Callable[[str], None], strategy=None) -> LoopState:
     """Restore the method's state, check that ``ckpt`` fits this run, then apply it.
 
     The method's state comes first because it may change which parameters train (gradual unfreezing
@@ -268,11 +277,13 @@ def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity
     except CheckpointMismatch:
         method.load_state_dict(before)
         raise
+    if strategy is not None:  # the identity check above made sure it is this strategy's state
+        strategy.load_state_dict(ckpt.strategy)
     return apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, say)
 
 
 def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
-           say: Callable[[str], None] = print) -> tuple[Path | None, LoopState]:
+           say: Callable[[str], None] = print, strategy=None) -> tuple[Path | None, LoopState]:
     """Load the checkpoint that ``resume`` names into the run; (None, fresh state) if there is none.
 
     ``resume=auto`` takes the newest checkpoint in ``output_dir/checkpoints`` that reads whole,
@@ -295,7 +306,7 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
                 later = candidates[candidates.index(path) + 1:]
                 say(f"warning: {e} " + (f"Falling back to {later[0].name}." if later else ""))
                 continue
-            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say)
+            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, strategy)
         raise CheckpointDamaged(
             f"Every checkpoint in {root} is damaged ({', '.join(damaged)}), so training cannot resume. Delete "
             f"{root} and start again with overwrite=true, or pass resume=<path> to a good checkpoint."
@@ -313,4 +324,4 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
             f"{e} Pass resume=<path> to an earlier checkpoint (they are in {path.parent}), or resume=auto to "
             f"take the newest good one."
         ) from None
-    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say)
+    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, strategy)

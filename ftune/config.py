@@ -1,7 +1,7 @@
 """Where the configs live, the custom resolvers, and the typed schemas that validate them.
 
 Hydra composes ``configs/train.yaml`` with one option from each group (model, dataset, method,
-optimizer, scheduler, trainer). Overrides of keys that do not exist already fail in Hydra (struct
+strategy, optimizer, scheduler, trainer). Overrides of keys that do not exist already fail in Hydra (struct
 mode); the dataclasses below add type checks, so ``trainer.batch_size=abc`` or a misspelt key in a
 YAML file fail before any model is loaded. Every numeric field also carries its valid ``Range``
 (``ranged(default, POSITIVE)``), and ``check_settings`` refuses every value outside it (and NaN/inf)
@@ -277,7 +277,8 @@ TARGET_RANGES: dict[str, Range] = {
 }
 
 
-def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConfig, method_settings: Any) -> None:
+def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConfig, method_settings: Any,
+                   strategy_settings: Any = None) -> None:
     """Refuse settings that type-check but cannot train, all in one paragraph, before anything loads.
 
     Every numeric field of the trainer, dataset and method schemas is checked against its ``Range``
@@ -286,6 +287,8 @@ def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConf
     """
     problems = range_problems(trainer, "trainer") + range_problems(dataset, "dataset")
     problems += range_problems(method_settings, "method")
+    if strategy_settings is not None:
+        problems += range_problems(strategy_settings, "strategy")
     for group in ("optimizer", "scheduler"):
         node = cfg.get(group) or {}
         for key in node:
@@ -356,7 +359,7 @@ def check_target(node: DictConfig, group: str) -> None:
 
 
 # --- Hydra's composition errors, in ftune's words ---------------------------------------------------
-GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "recipes")
+GROUPS = ("model", "dataset", "method", "strategy", "optimizer", "scheduler", "trainer", "recipes")
 GROUP_HINTS = {
     "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
     "dataset": " Your own data: `dataset=instruction dataset.path=<file>` (or classification, chat, text).",
