@@ -407,7 +407,7 @@ def _unknown_key(key: str, argv: list[str]) -> FtuneError:
 
             return unsupported(chosen, name)
     close = difflib.get_close_matches(name, keys, n=1)
-    extra = ("" if group in SCHEMAS else
+    extra = ("" if group in SCHEMAS or group == "strategy" else  # (strategy settings are a dataclass)
              f" If '{name}' is a real setting that configs/{group}/ does not list, add it with `++{key}=...`.")
     return FtuneError(
         f"Unknown config key '{key}'" + (f"; did you mean '{group}.{close[0]}'?" if close else ".")

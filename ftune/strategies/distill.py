@@ -340,6 +340,7 @@ class Distill(Strategy):
             if sctx.task == "seq_cls":
                 self._check_classifier_head(src, sctx.label_names)
             tokenizer = load_tokenizer(src.model_cfg)
+            check_same_vocabulary(tokenizer, sctx.tokenizer, src.spec)  # before loading the weights
             teacher = build_model(src.model_cfg, sctx.task, num_labels=len(sctx.label_names) or None,
                                   label_names=sctx.label_names, pad_token_id=tokenizer.pad_token_id)
         check_same_vocabulary(tokenizer, sctx.tokenizer, src.spec)
