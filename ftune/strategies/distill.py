@@ -22,7 +22,8 @@ for a causal LM, and for a classifier each example's mean over its non-padding t
 Teacher (``strategy.teacher``): a finished ftune run directory (its trained weights applied; merged
 into the base when the method allows, which also makes it faster), a model config name
 (``configs/model/<name>.yaml``) or a model path / hub id. It runs in eval mode without gradients,
-under the student's autocast. Its tokenizer must be the student's (same token ids); a teacher whose
+under the student's autocast; ``strategy.teacher_4bit=true`` holds its linear layers in NF4 (as
+QLoRA's base; the output layer and a classifier head stay in full precision). Its tokenizer must be the student's (same token ids); a teacher whose
 output layer is padded larger than the student's (or smaller) is compared over the common ids.
 
 Student from the teacher (``strategy.student_layers=[0,2,4]``): the teacher's embeddings, the listed
@@ -64,6 +65,7 @@ class DistillSettings(StrategySettings):
     alpha: float = ranged(0.5, FRACTION)  # weight of the distillation term; 1 - alpha weighs the task loss
     kl: str = "forward"  # forward | reverse | symmetric
     cosine_weight: float = ranged(0.0, NOT_NEGATIVE)  # DistilBERT's hidden-state cosine loss; 0 = off
+    teacher_4bit: bool = False  # hold the teacher in NF4 4-bit (bitsandbytes): a quarter of the memory
 
 
 # --- the loss terms (pure functions, tested against hand computations) -------------------------------
@@ -278,6 +280,7 @@ class Distill(Strategy):
         self.task = "causal_lm"
         self.report: dict[str, Any] = {}
         self.unused_model: str | None = None
+        self.student_base: nn.Module | None = None  # the student as cut, kept when the teacher goes 4-bit
         self.window = self._zeros()  # sums of the logging window not yet logged
         self.total = self._zeros()  # sums over the run
 
@@ -369,12 +372,17 @@ class Distill(Strategy):
         layers = self.settings.student_layers
         student = build() if layers is None else student_from_layers(self.teacher, list(layers))
         self.report["strategy/student_params"] = params(student)  # before the method adds any
+        if layers is not None and self.settings.teacher_4bit:  # save() cannot cut it again from a 4-bit teacher
+            self.student_base = copy.deepcopy(student)
         return student
 
     def prepare(self, model: nn.Module, ctx: Any) -> None:
         from ftune.evaluate import TargetLogits
 
-        teacher, s = self.teacher.to(ctx.device), self.settings
+        s = self.settings
+        if s.teacher_4bit:
+            self.teacher = self._quantized(self.teacher, ctx)
+        teacher = self.teacher.to(ctx.device)
         if self.task == "causal_lm":
             common = min(output_rows(model), output_rows(teacher))
             if common < self.tokens:
@@ -399,6 +407,21 @@ class Distill(Strategy):
                 )
             self.captures = (HiddenCapture(final_hidden_module(model)), HiddenCapture(final_hidden_module(teacher)))
 
+    def _quantized(self, teacher: nn.Module, ctx: Any) -> nn.Module:
+        from ftune.models import TASK_HEADS, quantizable_4bit, quantize_4bit
+
+        widths = [m.in_features for m in teacher.modules() if isinstance(m, nn.Linear)]
+        if not any(quantizable_4bit(w) is None for w in widths):
+            raise FtuneError(
+                f"strategy.teacher_4bit=true, but no linear layer of the teacher '{self.source.spec}' can be held in "
+                f"4-bit (NF4 needs input widths that are multiples of 64). Set strategy.teacher_4bit=false; a teacher "
+                f"this small fits in memory anyway."
+            )
+        report: dict[str, Any] = {}
+        teacher = quantize_4bit(teacher, ctx.compute_dtype, ctx.device, skip=list(TASK_HEADS), report=report)
+        self.report["strategy/teacher_layers_4bit"] = report.get("quantization/layers_4bit", 0)
+        return teacher
+
     def header_lines(self) -> list[str]:
         s = self.settings
         student = (f"student: blocks {list(s.student_layers)} of the teacher"
@@ -406,7 +429,9 @@ class Distill(Strategy):
                    if s.student_layers is not None else "student: the run's model")
         return [f"distill: teacher {self.source.spec} ({self.report['strategy/teacher_params']:,} parameters); "
                 f"{student} ({self.report['strategy/student_params']:,} parameters); T={s.temperature} "
-                f"alpha={s.alpha} kl={s.kl}" + (f" cosine_weight={s.cosine_weight}" if s.cosine_weight else "")]
+                f"alpha={s.alpha} kl={s.kl}" + (f" cosine_weight={s.cosine_weight}" if s.cosine_weight else "")
+                + (f"; teacher in 4-bit ({self.report['strategy/teacher_layers_4bit']} linear layers)"
+                   if s.teacher_4bit else "")]
 
     # --- training ------------------------------------------------------------------------------------
     def loss(self, model, batch, outputs, task_loss_sum, n_targets, step):
@@ -468,6 +493,9 @@ class Distill(Strategy):
 
     def save(self, model: nn.Module, run_dir: Path) -> None:
         if self.settings.student_layers is None:
+            return
+        if self.settings.teacher_4bit:
+            self.student_base.save_pretrained(str(Path(run_dir) / STUDENT_DIR))
             return
         for hook in ([self.teacher_logits] if self.teacher_logits else []):
             hook.remove()

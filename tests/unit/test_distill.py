@@ -265,3 +265,25 @@ def test_the_default_strategy_is_none_and_changes_nothing(make_cfg):
     outputs, loss_sum, n = run.target_logits.forward(run.model, {k: v for k, v in run.collator(
         run.data.train[:2]).items()}, "causal_lm")
     assert torch.equal(run.strategy.loss(run.model, {}, outputs, loss_sum, n, 0), loss_sum / n)
+
+
+def test_teacher_in_4bit_teaches_nearly_the_same_and_the_student_is_cut_in_full_precision(make_cfg):
+    pytest.importorskip("bitsandbytes")
+    args = [*LLAMA, *DISTILL, "model.config.num_hidden_layers=2", "strategy.student_layers=[1]", "trainer.max_steps=1"]
+    runs = {bits: setup(make_cfg(*args, f"strategy.teacher_4bit={bits}", out=f"q{bits}")) for bits in (False, True)}
+    assert any(type(m).__name__ == "Linear4bit" for m in runs[True].strategy.teacher.modules())
+    assert not any(type(m).__name__ == "Linear4bit" for m in runs[False].strategy.teacher.modules())
+    assert all(torch.equal(a, b) for a, b in zip(runs[False].model.state_dict().values(),
+                                                 runs[True].model.state_dict().values(), strict=True))
+    kd = {}
+    for bits, run in runs.items():
+        batch = {k: v for k, v in run.collator(run.data.train[:2]).items()}
+        outputs, loss_sum, n = run.target_logits.forward(run.model, batch, "causal_lm")
+        run.strategy.loss(run.model, batch, outputs, loss_sum, n, 0)
+        kd[bits] = run.strategy.row_metrics(1)["strategy/kd_loss"]
+    assert kd[True] == pytest.approx(kd[False], rel=0.2)  # NF4 rounding moves the teacher's logits a little
+    run = runs[True]
+    run.strategy.save(run.model, run.out)
+    saved = load_file(str(run.out / "student" / "model.safetensors"))
+    cut = student_from_layers(runs[False].strategy.teacher, [1]).state_dict()  # from the full-precision teacher
+    assert saved.keys() <= cut.keys() and all(torch.equal(saved[k], cut[k]) for k in saved)
