@@ -267,6 +267,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     try:
         while loop.step < run.total_steps:
             step_start = time.perf_counter()
+            strategy_before = run.strategy.state_dict()  # a skipped (NaN) step must not count in its sums
             micro = [next_batch() for _ in range(t.grad_accum)]
             n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
             step_loss = torch.zeros((), device=run.device)
@@ -300,6 +301,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             if bad is not None:
                 run.optimizer.zero_grad(set_to_none=True)
                 if t.skip_nan_batches and nan_in_a_row < MAX_NAN_IN_A_ROW:
+                    run.strategy.load_state_dict(strategy_before)
                     loop.skipped_nan, nan_in_a_row = loop.skipped_nan + 1, nan_in_a_row + 1
                     continue
                 raise TrainingFailed(
