@@ -287,3 +287,61 @@ def test_teacher_in_4bit_teaches_nearly_the_same_and_the_student_is_cut_in_full_
     saved = load_file(str(run.out / "student" / "model.safetensors"))
     cut = student_from_layers(runs[False].strategy.teacher, [1]).state_dict()  # from the full-precision teacher
     assert saved.keys() <= cut.keys() and all(torch.equal(saved[k], cut[k]) for k in saved)
+
+
+def test_a_teacher_padded_to_a_larger_vocabulary_is_compared_over_the_students_ids(make_cfg, tmp_path):
+    """A teacher directory (model.path style) whose output layer has 1088 rows, the student's 1024 (as Qwen pads
+    its vocabulary): the KL runs over the first 1024 logits of both, equal to the hand computation."""
+    from transformers import AutoTokenizer
+
+    teacher_dir = tmp_path / "teacher"
+    padded = tiny("tiny_llama", "causal_lm", 2, vocab_size=1088)
+    padded.save_pretrained(str(teacher_dir))
+    AutoTokenizer.from_pretrained(str(Path(__file__).parents[2] / "ftune/assets/tiny_tokenizer")).save_pretrained(
+        str(teacher_dir))
+    run = setup(make_cfg(*LLAMA, "strategy=distill", f"strategy.teacher={teacher_dir}", "strategy.temperature=1.5",
+                         "strategy.kl=symmetric"))
+    assert run.strategy.teacher.get_output_embeddings().weight.shape[0] == 1088
+    batch = run.collator(run.data.train[:2])
+    outputs, loss_sum, n = run.target_logits.forward(run.model, batch, "causal_lm")
+    run.strategy.loss(run.model, batch, outputs, loss_sum, n, 0)
+    got = run.strategy.row_metrics(1)["strategy/kd_loss"]
+    with torch.no_grad():
+        student = target_rows(outputs.logits.detach(), batch["labels"])
+        run.target_logits.remove()
+        teacher = target_rows(run.strategy.teacher(**model_inputs(batch)).logits, batch["labels"])[:, :1024]
+    js = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
+        ps, pt = softmax(s_row, 1.5), softmax(t_row, 1.5)
+        m = [(a + b) / 2 for a, b in zip(ps, pt, strict=True)]
+        js += 0.5 * kl(pt, m) + 0.5 * kl(ps, m)
+    assert got == pytest.approx(js / student.shape[0], rel=1e-4)
+
+
+def test_classifier_distilled_from_a_teacher_run_per_example(make_cfg):
+    """tiny BERT: a 3-block teacher run (full fine-tuning), a 1-block student cut from it; KD per example."""
+    bert = ["model=tiny_bert", "dataset=sentiment", "model.config.num_hidden_layers=3", "trainer.batch_size=4",
+            "trainer.max_length=32", "dataset.max_samples=16", "dataset.max_eval_samples=8"]
+    teacher = make_cfg(*bert, "method=full", "optimizer.lr=1e-3", out="teacher")
+    train(teacher)
+    student = [*bert, "strategy=distill", f"strategy.teacher={teacher.output_dir}", "strategy.student_layers=[2]",
+               "strategy.temperature=3.0", "strategy.alpha=0.4", "method=lora", "trainer.max_steps=2"]
+    run = setup(make_cfg(*student, out="student"))
+    batch = run.collator(run.data.train[:4])
+    outputs, loss_sum, n = run.target_logits.forward(run.model, batch, "seq_cls")
+    got = run.strategy.loss(run.model, batch, outputs, loss_sum, 8, 0)
+    with torch.no_grad():
+        teacher_logits = run.strategy.teacher(**model_inputs(batch)).logits
+    kd = sum(kl(softmax(t, 3.0), softmax(s, 3.0)) for s, t in zip(outputs.logits.tolist(), teacher_logits.tolist(),
+                                                                    strict=True))
+    ce = sum(-math.log(softmax(s, 1.0)[y]) for s, y in zip(outputs.logits.tolist(), batch["labels"].tolist(),
+                                                          strict=True))
+    assert float(got.detach()) == pytest.approx((0.6 * ce + 0.4 * 9.0 * kd) / 8, rel=1e-4)
+    metrics = train(make_cfg(*student, out="trained"))
+    assert 0 <= metrics["strategy/teacher_eval_accuracy"] <= 1
+    assert metrics["strategy/accuracy_of_teacher"] == pytest.approx(
+        metrics["eval/accuracy"] / metrics["strategy/teacher_eval_accuracy"])
+    assert metrics["strategy/student_params"] < metrics["strategy/teacher_params"]
+    first, second = run.data.label_names
+    with pytest.raises(FtuneError, match=rf"predicts the classes \['{first}', '{second}'\], this run's data has"):
+        setup(make_cfg(*student, f"dataset.label_names=[{second},{first}]", out="swapped"))
