@@ -5,6 +5,7 @@
       optimizer.pt scheduler.pt scaler.pt rng.pt method.pt   (torch.load(weights_only=True))
       best.safetensors        trainer.keep_best: the trainable tensors of the best evaluation so far (absent
                               when that is this step's, or without keep_best)
+      strategy.pt             the training strategy's state (distill: its loss sums), when the run has one
       state.json              step, epoch, position in the epoch's batches, tokens seen, the loss of the
                               logging window not yet logged, skipped NaN batches, the best evaluation so far
                               and the evaluations since (early stopping), identity, file sizes
@@ -37,6 +38,7 @@ from ftune.errors import FtuneError, TrainingFailed
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "method.pt")
 BEST_FILE = "best.safetensors"  # trainer.keep_best, when the best evaluation is not the checkpoint's own step
+STRATEGY_FILE = "strategy.pt"  # written when the run has a strategy (checkpoints before strategies lack it)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -111,7 +113,8 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, scaler, method,
-                    identity: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None) -> Path:
+                    identity: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None,
+                    strategy=None) -> Path:
     """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights.
 
     ``best``: the trainable tensors of the best evaluation so far (trainer.keep_best), as best.safetensors.
@@ -138,7 +141,10 @@ def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, sc
     torch.save(method.state_dict(), tmp / "method.pt")
     if best:
         save_file(best, str(tmp / BEST_FILE))
-    sizes = {name: (tmp / name).stat().st_size for name in (*FILES, *([BEST_FILE] if best else []))}
+    if strategy is not None:
+        torch.save(strategy.state_dict(), tmp / STRATEGY_FILE)
+    files = (*FILES, *([BEST_FILE] if best else []), *([STRATEGY_FILE] if strategy is not None else []))
+    sizes = {name: (tmp / name).stat().st_size for name in files}
     (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "identity": identity, "sizes": sizes}, indent=1))
     for name in (*sizes, "state.json"):
         _fsync(tmp / name)
@@ -171,6 +177,7 @@ class Checkpoint:
     rng: dict
     identity: dict
     best: dict[str, torch.Tensor] | None = None  # best.safetensors (trainer.keep_best)
+    strategy: dict = dataclasses.field(default_factory=dict)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -190,6 +197,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
                           dict(state["identity"]))
         if (path / BEST_FILE).exists():
             ckpt.best = load_file(str(path / BEST_FILE))
+        if (path / STRATEGY_FILE).exists():
+            ckpt.strategy = torch.load(path / STRATEGY_FILE, weights_only=True)
         return ckpt
     except Exception as e:  # a damaged file of any kind
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -202,6 +211,7 @@ def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any
     """CheckpointMismatch if ``ckpt`` was written by a run of another model, method or task."""
     saved = ckpt.identity
     labels = {"model": "model", "method": "method", "task": "task", "trainable": "trainable parameters",
+              "strategy": "strategy (None: strategy=none)",
               "packing": "tokens per packed row (trainer.packing, trainer.pack_tokens; None: padded batches)"}
     mismatched = [f"{labels.get(k, k)}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
                   for k, v in identity.items() if saved.get(k) != v]
@@ -269,7 +279,7 @@ IdentityOf = dict[str, Any] | Callable[[], dict[str, Any]]  # what a checkpoint 
 
 
 def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
-         say: Callable[[str], None], best: Any = None) -> LoopState:
+         say: Callable[[str], None], best: Any = None, strategy=None) -> LoopState:
     """Restore the method's state, check that ``ckpt`` fits this run, then apply it.
 
     The method's state comes first because it may change which parameters train (gradual unfreezing
@@ -287,11 +297,13 @@ def _use(ckpt: Checkpoint, model, optimizer, scheduler, scaler, method, identity
     except CheckpointMismatch:
         method.load_state_dict(before)
         raise
+    if strategy is not None:  # the identity check above made sure it is this strategy's state
+        strategy.load_state_dict(ckpt.strategy)
     return apply_checkpoint(ckpt, model, optimizer, scheduler, scaler, say, best)
 
 
 def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scaler, method, identity: IdentityOf,
-                say: Callable[[str], None] = print, best: Any = None) -> tuple[Path | None, LoopState]:
+                say: Callable[[str], None] = print, best: Any = None, strategy=None) -> tuple[Path | None, LoopState]:
     """Load the checkpoint that ``resume`` names into the run; (None, fresh state) if there is none.
 
     ``resume=auto`` takes the newest checkpoint in ``output_dir/checkpoints`` that reads whole,
@@ -314,7 +326,7 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
                 later = candidates[candidates.index(path) + 1:]
                 say(f"warning: {e} " + (f"Falling back to {later[0].name}." if later else ""))
                 continue
-            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, best)
+            return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, best, strategy)
         raise CheckpointDamaged(
             f"Every checkpoint in {root} is damaged ({', '.join(damaged)}), so training cannot resume. Delete "
             f"{root} and start again with overwrite=true, or pass resume=<path> to a good checkpoint."
@@ -332,4 +344,4 @@ def resume_from(output_dir: Path, resume: str, model, optimizer, scheduler, scal
             f"{e} Pass resume=<path> to an earlier checkpoint (they are in {path.parent}), or resume=auto to "
             f"take the newest good one."
         ) from None
-    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, best)
+    return path, _use(ckpt, model, optimizer, scheduler, scaler, method, identity, say, best, strategy)

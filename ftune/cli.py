@@ -37,8 +37,8 @@ usage: ftune <command> [key=value ...] [-m] [--cfg job] [--help]
 commands:
 {commands}
 
-Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, optimizer=,
-scheduler=, trainer=, logger=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4). `ftune train`
+Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, strategy=,
+optimizer=, scheduler=, trainer=, logger=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4). `ftune train`
 with no model, dataset or recipe chosen runs the quickstart recipe (SmolLM2 learning a small task).
 `ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
 (`ftune train hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).

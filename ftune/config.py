@@ -1,7 +1,7 @@
 """Where the configs live, the custom resolvers, and the typed schemas that validate them.
 
 Hydra composes ``configs/train.yaml`` with one option from each group (model, dataset, method,
-optimizer, scheduler, trainer). Overrides of keys that do not exist already fail in Hydra (struct
+strategy, optimizer, scheduler, trainer). Overrides of keys that do not exist already fail in Hydra (struct
 mode); the dataclasses below add type checks, so ``trainer.batch_size=abc`` or a misspelt key in a
 YAML file fail before any model is loaded. Every numeric field also carries its valid ``Range``
 (``ranged(default, POSITIVE)``), and ``check_settings`` refuses every value outside it (and NaN/inf)
@@ -281,7 +281,8 @@ TARGET_RANGES: dict[str, Range] = {
 }
 
 
-def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConfig, method_settings: Any) -> None:
+def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConfig, method_settings: Any,
+                   strategy_settings: Any = None) -> None:
     """Refuse settings that type-check but cannot train, all in one paragraph, before anything loads.
 
     Every numeric field of the trainer, dataset and method schemas is checked against its ``Range``
@@ -290,6 +291,8 @@ def check_settings(cfg: DictConfig, trainer: TrainerConfig, dataset: DatasetConf
     """
     problems = range_problems(trainer, "trainer") + range_problems(dataset, "dataset")
     problems += range_problems(method_settings, "method")
+    if strategy_settings is not None:
+        problems += range_problems(strategy_settings, "strategy")
     for group in ("optimizer", "scheduler"):
         node = cfg.get(group) or {}
         for key in node:
@@ -360,7 +363,7 @@ def check_target(node: DictConfig, group: str) -> None:
 
 
 # --- Hydra's composition errors, in ftune's words ---------------------------------------------------
-GROUPS = ("model", "dataset", "method", "optimizer", "scheduler", "trainer", "logger", "recipes")
+GROUPS = ("model", "dataset", "method", "strategy", "optimizer", "scheduler", "trainer", "logger", "recipes")
 NESTED_GROUPS = ("logger",)  # one sub-node per chosen option, each checked against its tracker's settings
 GROUP_HINTS = {
     "model": " Any other model: `model=llama model.path=<hub id or local directory>`.",
@@ -414,7 +417,7 @@ def _unknown_key(key: str, argv: list[str]) -> FtuneError:
 
             return unsupported(chosen, name)
     close = difflib.get_close_matches(name, keys, n=1)
-    extra = ("" if group in SCHEMAS or group in NESTED_GROUPS else
+    extra = ("" if group in SCHEMAS or group in NESTED_GROUPS or group == "strategy" else  # (strategy: a dataclass)
              f" If '{name}' is a real setting that configs/{group}/ does not list, add it with `++{key}=...`.")
     return FtuneError(
         f"Unknown config key '{key}'" + (f"; did you mean '{group}.{close[0]}'?" if close else ".")

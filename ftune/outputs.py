@@ -15,6 +15,7 @@
       README.md        model card: base model, method, data, command, metrics
       tensorboard/ wandb/ mlflow.db mlartifacts/   what the chosen experiment trackers (logger=) wrote
       trackers.json    their tracked runs' ids (MLflow, W&B), so that resume=auto continues those runs
+      student/         strategy=distill with student_layers: the student cut from the teacher (its base model)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftune.errors import FtuneError
 
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
-                 "loss.png", "README.md", "checkpoints", "eval.json", "error.txt", "confusion.png",
+                 "loss.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
                  "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
                  "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json")
 
@@ -169,11 +170,14 @@ def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     rows = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
     )
+    strategy = cfg.get("strategy") or {}
+    strategy = (f"- strategy: `{strategy.get('name')}`" + (f" (teacher `{strategy.get('teacher')}`)" if strategy.get("teacher")
+                else "") + "\n") if strategy.get("name", "none") != "none" else ""
     text = f"""# ftune run: {cfg.method.name} on {cfg.dataset.name}
 
 - base model: `{model}`
 - method: `{cfg.method.name}`
-- data: `{cfg.dataset.path}` ({cfg.dataset.format})
+{strategy}- data: `{cfg.dataset.path}` ({cfg.dataset.format})
 - trust_remote_code: {cfg.model.trust_remote_code}
 - command: `{command}`
 

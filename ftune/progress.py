@@ -75,6 +75,8 @@ def print_header(run, params: tuple[int, int]) -> None:
         )
     for line in run.method.header_lines(run.total_steps):  # e.g. the gradual unfreezing schedule
         console.print(f"  {escape(line)}", soft_wrap=True)
+    for line in run.strategy.header_lines():  # e.g. distillation's teacher, student and loss weights
+        console.print(f"  {escape(line)}", soft_wrap=True)
     for line in run.data.report.header_lines():  # rows left out of the data (dataset.bad_rows=skip), blank lines
         console.print(f"  [yellow]data[/] {escape(line)}", soft_wrap=True)
 

@@ -92,10 +92,12 @@ def save_library_log(run_dir: Path) -> Path | None:
 
 
 def needs_bitsandbytes(cfg: Any) -> bool:
-    """Whether a train config (or a run's saved config) uses bitsandbytes: a 4-bit base or an 8-bit optimizer."""
+    """Whether a train config (or a run's saved config) uses bitsandbytes: a 4-bit base, a 4-bit distillation
+    teacher or an 8-bit optimizer."""
     method = cfg.get("method") or {}
     optimizer = cfg.get("optimizer") or {}
-    quantized = method.get("name") == "qlora" or bool(method.get("quantize"))
+    strategy = cfg.get("strategy") or {}
+    quantized = method.get("name") == "qlora" or bool(method.get("quantize")) or bool(strategy.get("teacher_4bit"))
     return quantized or str(optimizer.get("_target_", "")).startswith("bitsandbytes.")
 
 

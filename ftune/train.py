@@ -2,8 +2,8 @@
 
 Read it top to bottom. ``setup`` turns the composed config into objects (config -> model ->
 method -> data -> optimizer); ``train_loop`` runs optimizer steps; ``finish`` writes the run
-directory. Methods plug in through hooks (extra loss terms, after-step updates), never by forking
-this loop.
+directory. Methods (what trains) and strategies (how: distillation's teacher and loss) plug in
+through hooks (extra loss terms, after-step updates), never by forking this loop.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from ftune.packing import (
     packed_batches,
 )
 from ftune.progress import TrainProgress, console, print_header
+from ftune.strategies import Strategy, StrategyContext, build_strategy
 from ftune.trackers import Trackers, build_trackers
 
 
@@ -68,6 +69,7 @@ class Run:
     tokenizer: Any
     data: DataBundle
     method: Method
+    strategy: Strategy
     model: torch.nn.Module
     ctx: MethodContext
     collator: Collator | PackingCollator  # the training batches' (eval batches are always padded)
@@ -120,10 +122,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def build_optimizer(cfg: DictConfig, method: Method, model: torch.nn.Module, device: torch.device):
+def build_optimizer(cfg: DictConfig, method: Method, model: torch.nn.Module, device: torch.device,
+                    strategy: Strategy | None = None):
     check_target(cfg.optimizer, "optimizer")
     lr = float(cfg.optimizer.lr)
-    groups = method.param_groups(model, lr)
+    groups = method.param_groups(model, lr) + (strategy.param_groups(lr) if strategy is not None else [])
     if not any(len(g["params"]) for g in groups):
         raise FtuneError(f"Method '{method.name}' left no parameter to train on this model.")
     extra = {}
@@ -154,10 +157,14 @@ def setup(cfg: DictConfig) -> Run:
     model_cfg = validate_group(cfg, "model")
     data_cfg: DatasetConfig = validate_group(cfg, "dataset")
     method = build_method(cfg.method)  # validates method settings before any loading
-    check_settings(cfg, trainer, data_cfg, method.settings)  # every numeric range, in one paragraph
+    strategy = build_strategy(cfg.get("strategy"))  # likewise: strategy=none unless the config names one
+    check_settings(cfg, trainer, data_cfg, method.settings, strategy.settings)  # every numeric range, in one paragraph
+    strategy.check()
     check_target(cfg.optimizer, "optimizer")
     check_target(cfg.scheduler, "scheduler")
-    cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings)
+    model_cfg = strategy.model_config(model_cfg, Path(cfg.output_dir))  # distill: a student cut from the teacher
+    cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings,
+                        strategy=strategy.settings)
     task = task_of(data_cfg)
     check_scoring(trainer, task, has_eval_split(data_cfg))
     check_best_settings(trainer, task, has_eval_split(data_cfg))
@@ -174,10 +181,11 @@ def setup(cfg: DictConfig) -> Run:
         tokenizer = load_tokenizer(model_cfg)
         data = build_data(data_cfg, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template)
     with console.status(f"Loading model {model_label(model_cfg)}"):
-        model = build_model(
+        strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing))
+        model = strategy.base_model(lambda: build_model(
             model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
             pad_token_id=tokenizer.pad_token_id,
-        )
+        ))
     if trainer.packing:
         check_packing_settings(task, model.config.model_type)
     loaded_from = resolve_gguf(model_cfg)  # where tokenizer and weights came from (a GGUF file's converted folder)
@@ -198,17 +206,18 @@ def setup(cfg: DictConfig) -> Run:
     method.check(model, ctx)
     model = method.prepare(model, ctx).to(device)
     model.train()
+    strategy.prepare(model, ctx)
     if trainer.packing:  # refuses the run unless the examples of a packed row are kept apart
         check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
     if trainer.compile:
         compile_model(model, device)
 
-    optimizer = build_optimizer(cfg, method, model, device)
+    optimizer = build_optimizer(cfg, method, model, device, strategy)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     eval_collator = Collator(tokenizer.pad_token_id, task)
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
-    return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, model, ctx,
+    return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, strategy, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
                TargetLogits(model), trackers)
 
@@ -218,7 +227,8 @@ def identity(run: Run) -> dict[str, Any]:
     # packing: the tokens per packed row, None for padded batches (as in checkpoints that predate packing)
     return {"model": run.model_cfg.path or run.model_cfg.name, "method": run.method.name,
             "task": run.data.task, "trainable": trainable_parameters(run.model)[0],
-            "packing": pack_budget(run.trainer) if run.trainer.packing else None}
+            "packing": pack_budget(run.trainer) if run.trainer.packing else None,
+            "strategy": run.strategy.identity()}
 
 
 def train_loop(run: Run) -> dict[str, Any]:
@@ -231,7 +241,8 @@ def train_loop(run: Run) -> dict[str, Any]:
         # identity after the method's state is restored: it may unfreeze blocks (gradual unfreezing)
         ckpt, loop = resume_from(run.out, str(cfg.resume), model, run.optimizer, run.scheduler, run.scaler,
                                  run.method, lambda: identity(run),
-                                 say=lambda m: console.print(m, markup=False, soft_wrap=True), best=best)
+                                 say=lambda m: console.print(m, markup=False, soft_wrap=True), best=best,
+                                 strategy=run.strategy)
     if ckpt is not None:
         console.print(f"Resuming from {ckpt} (step {loop.step} of {run.total_steps}).", markup=False, soft_wrap=True)
     save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
@@ -252,7 +263,7 @@ def train_loop(run: Run) -> dict[str, Any]:
 
     def checkpoint() -> Path:
         return save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
-                               run.method, identity(run), t.keep_checkpoints, best.to_save(loop))
+                               run.method, identity(run), t.keep_checkpoints, best.to_save(loop), run.strategy)
 
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -270,6 +281,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     try:
         while loop.step < run.total_steps and not best.should_stop(loop):
             step_start = time.perf_counter()
+            strategy_before = run.strategy.state_dict()  # a skipped (NaN) step must not count in its sums
             micro = [next_batch() for _ in range(t.grad_accum)]
             n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
             step_loss = torch.zeros((), device=run.device)
@@ -278,7 +290,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                          for k, v in batch.items()}
                 with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
                     outputs, loss_sum, _ = run.target_logits.forward(model, batch, run.data.task)
-                    loss = loss_sum / n_targets
+                    # loss_sum / n_targets, unless the strategy reweights it or adds its terms (distillation)
+                    loss = run.strategy.loss(model, batch, outputs, loss_sum, n_targets, loop.step)
                     extra = run.method.extra_loss(model, batch, outputs, loop.step)
                     if extra is not None:
                         loss = loss + extra / t.grad_accum
@@ -302,6 +315,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             if bad is not None:
                 run.optimizer.zero_grad(set_to_none=True)
                 if t.skip_nan_batches and nan_in_a_row < MAX_NAN_IN_A_ROW:
+                    run.strategy.load_state_dict(strategy_before)
                     loop.skipped_nan, nan_in_a_row = loop.skipped_nan + 1, nan_in_a_row + 1
                     continue
                 raise TrainingFailed(
@@ -322,6 +336,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 run.optimizer.step()
             run.scheduler.step()
             run.method.after_step(model, loop.step)
+            run.strategy.after_step(model, loop.step)
             run.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
             loop.train_seconds += time.perf_counter() - step_start
@@ -331,7 +346,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                 elapsed = loop.train_seconds - window_start
                 row = {"step": loop.step, "epoch": round(loop.epoch + loop.position / max(len(batches), 1), 3),
                        "loss": loop.loss_sum / loop.loss_count, "lr": run.scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), **run.method.row_metrics(loop.step)}
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), **run.method.row_metrics(loop.step),
+                       **run.strategy.row_metrics(loop.step)}
                 log.log(row)
                 progress.update(loop.step, row)
                 window_tokens, window_start, loop.loss_sum, loop.loss_count = 0, loop.train_seconds, 0.0, 0
@@ -379,6 +395,8 @@ def train_loop(run: Run) -> dict[str, Any]:
         "peak_memory_mb": memory.peak_mb(),
     })
     metrics.update(run.ctx.report)  # what the method reports about the model (e.g. layers kept out of 4-bit)
+    metrics.update(run.strategy.final_metrics(metrics, lambda other, target_logits: evaluate_other(run, other,
+                                                                                                    target_logits)))
     if loop.skipped_nan:
         metrics["skipped_nan_batches"] = loop.skipped_nan
     metrics.update(best.report(loop, stopped_early=best.should_stop(loop)))
@@ -441,6 +459,14 @@ def evaluate(run: Run, score: bool = False) -> dict[str, float]:
     return metrics
 
 
+def evaluate_other(run: Run, model: torch.nn.Module, target_logits: TargetLogits | None) -> dict[str, float]:
+    """Loss (and accuracy) of another model (distillation's teacher) on the run's eval split; {} without one."""
+    if not run.data.eval:
+        return {}
+    return evaluate_examples(model, run.data.eval, run.eval_collator, run.data.task, run.device,
+                             run.trainer.eval_batch_size or run.trainer.batch_size * 2, run.autocast_dtype, target_logits)
+
+
 def check_scoring(t: TrainerConfig, task: str, has_eval: bool) -> None:
     """trainer.eval_scorer / eval_before need a causal LM and an eval split."""
     if t.eval_scorer is not None and t.eval_scorer not in SCORERS:
@@ -485,6 +511,7 @@ def current_rss_mb() -> float:
 def finish(run: Run, metrics: dict[str, Any]) -> None:
     """Write the trained weights, tokenizer, metrics, plot and model card to the run directory (and trackers)."""
     run.method.save(run.model, run.out / "adapter")
+    run.strategy.save(run.model, run.out)  # distill with student_layers: the student's base weights (student/)
     run.tokenizer.save_pretrained(str(run.out / "tokenizer"))
     if run.data.label_names:
         (run.out / "labels.json").write_text(json.dumps(run.data.label_names))

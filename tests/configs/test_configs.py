@@ -57,6 +57,22 @@ def test_every_registered_method_has_a_yaml():
     assert set(METHODS) <= set(options("method"))
 
 
+@pytest.mark.parametrize("name", options("strategy"))
+def test_strategy_configs_build(name):
+    from ftune.strategies import STRATEGIES, build_strategy
+
+    cfg = compose_train([f"strategy={name}"], Path("/tmp/unused"))
+    strategy = build_strategy(cfg.strategy)
+    assert strategy.name == name and name in STRATEGIES
+    assert build_strategy({"name": name}).settings == strategy.settings  # the Python API gets the YAML's defaults
+
+
+def test_every_registered_strategy_has_a_yaml():
+    from ftune.strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(options("strategy"))
+
+
 @pytest.mark.parametrize("group", ["optimizer", "scheduler"])
 def test_optimizer_and_scheduler_configs_instantiate(group):
     param = torch.nn.Parameter(torch.zeros(4))
@@ -115,7 +131,10 @@ def test_every_numeric_setting_has_a_valid_range():
     from ftune.config import SCHEMAS
 
     unchecked = []
-    for schema in [*SCHEMAS.values(), *(m.settings_cls for m in METHODS.values())]:
+    from ftune.strategies import STRATEGIES
+
+    for schema in [*SCHEMAS.values(), *(m.settings_cls for m in METHODS.values()),
+                   *(m.settings_cls for m in STRATEGIES.values())]:
         for f in dataclasses.fields(schema):
             numeric = any(t in str(f.type) for t in ("int", "float")) and "bool" not in str(f.type)
             if numeric and "range" not in f.metadata and f.name not in ("init_seed",):

@@ -203,6 +203,17 @@ CASES = [
     Case("nan-skipping-cannot-save-diverged-weights", lambda d, r: train(
         "method=full", "optimizer=sgd", "optimizer.lr=1e30", "trainer.skip_nan_batches=true", "trainer.max_steps=40",
         f"output_dir={d / 'out'}"), ["step 2", "25 batches", "diverged", "lower optimizer.lr"], code=1, trains=True),
+    # strategies
+    Case("unknown-strategy", train("strategy=distil"), ["unknown strategy 'distil'", "distill", "none"]),
+    Case("distill-teacher-with-another-vocabulary", lambda d, r: train(
+        "strategy=distill", "strategy.teacher=tiny_bert", f"output_dir={d / 'out'}"),
+        ["another vocabulary", "token id by token id", "same tokenizer", "strategy.student_layers"]),
+    Case("distill-student-layers-out-of-range", lambda d, r: train(
+        "strategy=distill", "strategy.teacher=tiny_llama", "strategy.student_layers=[0,2]", f"output_dir={d / 'out'}"),
+        ["strategy.student_layers=[0, 2]", "[2] out of range", "2 blocks, numbered 0..1"]),
+    Case("distill-unknown-kl", lambda d, r: train(
+        "strategy=distill", "strategy.teacher=tiny_llama", "strategy.kl=kullback", f"output_dir={d / 'out'}"),
+        ["strategy.kl must be forward, reverse or symmetric", "'kullback'"]),
     # data
     data_case("missing-data-file", lambda d: ["dataset=instruction", f"dataset.path={d / 'nope.jsonl'}"],
               ["does not exist", "dataset.path"]),

@@ -27,6 +27,7 @@ kr = sys.modules.setdefault("kill_and_resume", importlib.util.module_from_spec(_
 _spec.loader.exec_module(kr)
 
 STEPS = 12
+DISTILL = ("strategy=distill", "strategy.teacher=tiny_llama", "model.init_seed=1")  # teacher and student differ
 AVAILABLE = [m for m in kr.METHODS if m in METHODS]
 
 
@@ -145,6 +146,8 @@ def runs(request, tmp_path_factory):
         matrix = kr.Matrix(pool, methods, workdir, STEPS)
         packed = (kr.Matrix(pool, ["lora"], workdir / "packed", STEPS, damage=(), extra=("trainer.packing=true",))
                   if "test_sigkill_then_resume_auto_is_exact_with_packing" in selected else None)
+        distill = (kr.Matrix(pool, ["lora"], workdir / "distill", STEPS, damage=(), extra=DISTILL)
+                   if "test_sigkill_then_resume_auto_is_exact_with_distillation" in selected else None)
         jobs = {}
         for name, job in (("test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly", signal_chain),
                           ("test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint", nan_failure),
@@ -152,6 +155,7 @@ def runs(request, tmp_path_factory):
             if name in selected:
                 jobs[job.__name__] = pool.submit(job, workdir)
         jobs["packed"] = packed
+        jobs["distill"] = distill
         yield matrix, jobs
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -179,6 +183,21 @@ def test_sigkill_then_resume_auto_is_exact_with_packing(runs):
     assert res.weight_diff <= 1e-6 and res.loss_diff <= 1e-6 and res.steps_compared >= 1
     rows = kr.logged_steps(res.out / "metrics.jsonl")
     assert rows[-1]["epoch"] > 1  # the run crossed an epoch boundary
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_is_exact_with_distillation(runs):
+    """strategy=distill: the teacher is rebuilt and the strategy's loss sums come back with the checkpoint."""
+    _, jobs = runs
+    res = jobs["distill"].result("lora")
+    print(kr.HEADER)
+    print(res.row())
+    assert res.ok, f"{res.problem} (kill seed {res.seed}; kill at step {res.killed_at}, checkpoints {res.checkpoints_at_kill})"
+    assert res.weight_diff <= 1e-6 and res.loss_diff <= 1e-6 and res.steps_compared >= 1
+    ref, _ = jobs["distill"].reference("lora")
+    rows = [[{k: v for k, v in r.items() if k.startswith("strategy/")} for r in kr.logged_steps(d / "metrics.jsonl")]
+            for d in (ref, res.out)]
+    assert rows[0] == rows[1] and all(r for r in rows[0])
 
 
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly(runs):

@@ -1,0 +1,224 @@
+"""The strategy interface and registry.
+
+A method says *what* trains (LoRA adapters, the last blocks, ...); a strategy says *how* the model is
+trained: which extra models or modules take part (a teacher, a domain classifier), which loss terms
+a step adds (knowledge distillation, a domain loss, EWC), which batches feed a step and which stages
+a run goes through. One strategy per run (``strategy=none`` by default), chosen in
+``configs/strategy/<name>.yaml``; it composes with the method (``strategy=distill method=lora``) and
+runs inside the one training loop through the hooks below. A new strategy is one file with a
+registered class, one YAML and its tests.
+
+Hooks, in the order the trainer calls them (those marked *planned* are the shape reserved for the
+next strategies and not called yet)::
+
+    strategy = build_strategy(cfg.strategy)      # settings validated from configs/strategy/<name>.yaml;
+                                                 # their numeric ranges join check_settings' one paragraph
+    model_cfg = strategy.model_config(model_cfg, run_dir)   # the run's base model (distill with
+                                                 # student_layers: the student cut from the teacher,
+                                                 # saved to run_dir/student at the end); nothing loaded yet
+    strategy.load(sctx)                          # after tokenizer and data: load extra models (the
+                                                 # teacher) and check them against the tokenizer and labels
+    model = strategy.base_model(build)           # the model the method applies to; build() loads model_cfg
+    ... method.check / method.prepare ...
+    strategy.prepare(model, ctx)                 # after the method: move extra models to the device,
+                                                 # check they fit the prepared model
+    groups += strategy.param_groups(lr)          # extra optimizer groups for the strategy's own trained
+                                                 # modules (DANN's domain classifier, uncertainty
+                                                 # weights); [] for none
+    strategy.header_lines()                      # lines for the run header
+    ... per micro-batch: loss = strategy.loss(model, batch, outputs, task_loss_sum, n_targets, step)
+                                                 # the whole micro-batch loss: by default task_loss_sum /
+                                                 # n_targets (targets of the accumulation window); a
+                                                 # strategy reweights it and adds its terms, normalised by
+                                                 # the same n_targets so grad_accum changes nothing
+    ... per optimizer step: strategy.after_step(model, step)   # schedules (DANN's lambda_p), stage moves
+    ... per logged row of metrics.jsonl: row.update(strategy.row_metrics(steps_done))   # "strategy/..." keys
+    strategy.state_dict() / load_state_dict(state)   # checkpointed (strategy.pt); restored on resume
+    metrics.update(strategy.final_metrics(metrics, evaluate))   # "strategy/..." keys of metrics.json
+    strategy.save(model, run_dir)                # files the run needs to be loaded again (distill: student/)
+
+    planned: strategy.batches(data, epoch) -> which examples feed a step (DANN's unlabelled target
+             domain beside the source, multi-task sampling, continual learning's replay buffer);
+             strategy.stages() -> the stages of a run (continued pretraining, then fine-tuning; task
+             after task), each with its dataset, steps and outputs kept in the run directory.
+
+Every numeric setting is declared with ``ranged(...)`` like the methods' settings, so a bad value is
+refused before anything loads; word choices are checked by ``check``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ftune.config import ModelConfig
+from ftune.errors import FtuneError
+
+
+@dataclass
+class StrategySettings:
+    """Settings every strategy YAML carries; subclasses add their own fields (numbers with ``ranged``)."""
+
+    name: str = "none"
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy knows about the run when it loads its extra models (after tokenizer and data)."""
+
+    task: str  # "causal_lm" or "seq_cls"
+    tokenizer: Any
+    label_names: list[str]
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    packing: bool = False
+    report: dict[str, Any] = field(default_factory=dict)  # facts for metrics.json (keys "strategy/...")
+
+
+class Strategy:
+    """Base class of every strategy, and ``strategy=none``: plain training on the task loss."""
+
+    settings_cls: ClassVar[type[StrategySettings]] = StrategySettings
+
+    def __init__(self, settings: StrategySettings):
+        self.settings = settings
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    # --- before loading ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise FtuneError for settings that type-check but cannot work (word choices, missing inputs)."""
+
+    def model_config(self, model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
+        """The run's base model config (recorded in config.yaml, used to load the run again)."""
+        return model_cfg
+
+    # --- building ----------------------------------------------------------------------------
+    def load(self, sctx: StrategyContext) -> None:
+        """Load the strategy's extra models or data, checked against the run's tokenizer and labels."""
+
+    def base_model(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """The model the method is applied to; ``build()`` loads the run's model config."""
+        return build()
+
+    def prepare(self, model: nn.Module, ctx: Any) -> None:
+        """After the method is applied: move extra models to the device and check they fit ``model``."""
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups for the strategy's own trained modules (none here)."""
+        return []
+
+    def identity(self) -> str | None:
+        """What a checkpoint of this run must match (None for strategy=none, as checkpoints before strategies)."""
+        return None if self.name == "none" else self.name
+
+    def header_lines(self) -> list[str]:
+        return []
+
+    # --- training ----------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict, outputs: Any, task_loss_sum: torch.Tensor, n_targets: int,
+             step: int) -> torch.Tensor:
+        """The micro-batch's loss: the summed task loss over the targets of the accumulation window.
+
+        For a causal LM ``outputs.logits`` holds only the positions that have a target
+        (``1 x targets x vocab``, in order; see ``ftune.evaluate.TargetLogits``)."""
+        return task_loss_sum / n_targets
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called once per optimizer step, after optimizer.step()."""
+
+    def row_metrics(self, steps_done: int) -> dict[str, Any]:
+        """``strategy/...`` values for the training row being logged; {} for none."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this strategy exactly (beyond the weights)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``."""
+
+    # --- outputs -----------------------------------------------------------------------------
+    def final_metrics(self, metrics: dict[str, Any],
+                      evaluate: Callable[[nn.Module, Any], dict[str, float]]) -> dict[str, Any]:
+        """``strategy/...`` values for metrics.json, given the run's ``metrics`` so far; ``evaluate(model,
+        target_logits)`` scores another model on the eval split as the run's model is scored ({} without one)."""
+        return {}
+
+    def save(self, model: nn.Module, run_dir: Path) -> None:
+        """Write what loading the run needs beyond the method's adapter/ (distill: the student base model)."""
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(*names: str):
+    """Class decorator: register a Strategy subclass under one or more names."""
+
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        for name in names:
+            if name in STRATEGIES:
+                raise ValueError(f"strategy name {name!r} registered twice")
+            STRATEGIES[name] = cls
+        return cls
+
+    return wrap
+
+
+register_strategy("none")(Strategy)
+
+
+def strategy_yaml_defaults(name: str) -> dict[str, Any]:
+    """The settings of ``configs/strategy/<name>.yaml``; {} if there is none."""
+    from omegaconf import OmegaConf
+
+    from ftune.config import config_dir
+
+    path = config_dir() / "strategy" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {}
+
+
+def build_strategy(strategy_cfg: Any) -> Strategy:
+    """Validate a strategy config (an OmegaConf node, a dict, or None for ``none``) and return its Strategy.
+
+    Settings the config leaves out take the values of the strategy's YAML, as ``strategy=<name>`` would.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    import ftune.strategies  # noqa: F401  (registers every strategy)
+
+    if strategy_cfg is None:
+        raw: dict[str, Any] = {"name": "none"}
+    else:
+        raw = OmegaConf.to_container(strategy_cfg, resolve=True) if not isinstance(strategy_cfg, dict) \
+            else dict(strategy_cfg)
+    name = raw.get("name", "none")
+    if name not in STRATEGIES:
+        raise FtuneError(
+            f"Unknown strategy '{name}'. Choose one of: {', '.join(sorted(STRATEGIES))} "
+            f"(for example `ftune train strategy=distill strategy.teacher=runs/teacher`)."
+        )
+    cls = STRATEGIES[name]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls.settings_cls), strategy_yaml_defaults(name), raw)
+        settings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        known = ", ".join(f.name for f in dataclasses.fields(cls.settings_cls))
+        raise FtuneError(
+            f"Invalid setting for strategy '{name}': {e.msg if hasattr(e, 'msg') else e}. "
+            f"The settings this strategy accepts are: {known}."
+        ) from None
+    strategy = cls(settings)
+    return strategy
+
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyContext", "StrategySettings", "build_strategy", "register_strategy"]
