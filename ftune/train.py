@@ -82,12 +82,22 @@ class Run:
     target_logits: TargetLogits  # causal LM: logits only at positions with a target
     trackers: Trackers  # the `logger` group's experiment trackers (none by default)
 
-    def epoch_batches(self, lengths: list[int], epoch: int) -> list[list[int]]:
-        """The micro-batches (example indices) of ``epoch``: packed rows or padded batches."""
+    def epoch_batches(self, lengths: list[int], epoch: int) -> list[dict[str, list[int]]]:
+        """The micro-batches of ``epoch``: packed rows or padded batches of the training split ("train"),
+        with the strategy's own feeds beside them (DANN: "target")."""
         t = self.trainer
         if t.packing:
-            return packed_batches(lengths, pack_budget(t), self.cfg.seed, epoch)
-        return epoch_batches(lengths, t.batch_size, self.cfg.seed, epoch, t.group_by_length)
+            own = packed_batches(lengths, pack_budget(t), self.cfg.seed, epoch)
+        else:
+            own = epoch_batches(lengths, t.batch_size, self.cfg.seed, epoch, t.group_by_length)
+        return self.strategy.batches(own, epoch)
+
+    def collate(self, feeds: dict[str, list[int]]) -> dict[str, Any]:
+        """One micro-batch: the training examples collated, the strategy's feeds under batch["feeds"]."""
+        batch = self.collator([self.data.train[i] for i in feeds["train"]])
+        extra = {name: self.eval_collator([self.strategy.examples(name)[i] for i in idx])
+                 for name, idx in feeds.items() if name != "train"}
+        return {**batch, "feeds": extra} if extra else batch
 
 
 def seed_everything(seed: int) -> None:
@@ -181,7 +191,8 @@ def setup(cfg: DictConfig) -> Run:
         tokenizer = load_tokenizer(model_cfg)
         data = build_data(data_cfg, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template)
     with console.status(f"Loading model {model_label(model_cfg)}"):
-        strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing))
+        strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing,
+                                      dataset=data_cfg, max_length=trainer.max_length, seed=cfg.seed))
         model = strategy.base_model(lambda: build_model(
             model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
             pad_token_id=tokenizer.pad_token_id,
@@ -257,9 +268,9 @@ def train_loop(run: Run) -> dict[str, Any]:
         if loop.position >= len(batches):
             loop.epoch, loop.position = loop.epoch + 1, 0
             batches = run.epoch_batches(lengths, loop.epoch)
-        idx = batches[loop.position]
+        feeds = batches[loop.position]
         loop.position += 1
-        return run.collator([run.data.train[i] for i in idx])
+        return run.collate(feeds)
 
     def checkpoint() -> Path:
         return save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
@@ -286,8 +297,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
             step_loss = torch.zeros((), device=run.device)
             for batch in micro:
-                batch = {k: v.to(run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                         for k, v in batch.items()}
+                batch = to_device(batch, run.device)
                 with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
                     outputs, loss_sum, _ = run.target_logits.forward(model, batch, run.data.task)
                     # loss_sum / n_targets, unless the strategy reweights it or adds its terms (distillation)
@@ -430,6 +440,12 @@ def final_evaluation(run: Run, loop: LoopState, best: BestEvaluation, log: Metri
 
 
 MAX_NAN_IN_A_ROW = 25  # with skip_nan_batches: this many bad steps in a row means the weights diverged
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``, those of a strategy's feeds (batch["feeds"]) too."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else
+            to_device(v, device) if isinstance(v, dict) else v for k, v in batch.items()}
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -73,12 +73,15 @@ def resolve_labels(cfg: DatasetConfig, train_rows: list[dict]) -> list[str]:
     return sorted({str(v) for v in values})
 
 
-def encode_classification(rows, cfg: DatasetConfig, tokenizer, max_length: int, label_names: list[str],
+def encode_classification(rows, cfg: DatasetConfig, tokenizer, max_length: int, label_names: list[str] | None,
                           source: str) -> tuple[list[dict], EncodeStats]:
-    cols = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    _require_columns(rows, cols, "classification", source)
-    labels = []
-    for n, r in enumerate(rows):
+    """Tokenized examples with their class ids; ``label_names=None``: unlabelled rows (a domain's text
+    without labels, as DANN's target), each example's label IGNORE."""
+    cols = [cfg.text_column] + ([cfg.label_column] if label_names is not None else []) \
+        + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    _require_columns(rows, cols, "classification" if label_names is not None else "unlabelled text", source)
+    labels = [IGNORE] * len(rows) if label_names is None else []
+    for n, r in enumerate(rows if label_names is not None else ()):
         label = label_id(normalize_label(r[cfg.label_column])[0], label_names, bool(cfg.label_names))
         if label is None:  # (build_data's row checks catch these first, with the line number)
             raise FtuneError(

@@ -17,7 +17,8 @@ next strategies and not called yet)::
                                                  # student_layers: the student cut from the teacher,
                                                  # saved to run_dir/student at the end); nothing loaded yet
     strategy.load(sctx)                          # after tokenizer and data: load extra models (the
-                                                 # teacher) and check them against the tokenizer and labels
+                                                 # teacher) or data (DANN's target domain) and check them
+                                                 # against the tokenizer and labels
     model = strategy.base_model(build)           # the model the method applies to; build() loads model_cfg
     ... method.check / method.prepare ...
     strategy.prepare(model, ctx)                 # after the method: move extra models to the device,
@@ -26,6 +27,11 @@ next strategies and not called yet)::
                                                  # modules (DANN's domain classifier, uncertainty
                                                  # weights); [] for none
     strategy.header_lines()                      # lines for the run header
+    ... per epoch: feeds = strategy.batches(batches, epoch)  # the epoch's micro-batches: for each, the
+                                                 # example indices of every feed ("train": the run's own
+                                                 # shuffled batches; DANN adds "target"); extra feeds'
+                                                 # examples come from strategy.examples(feed) and reach
+                                                 # loss() collated as batch["feeds"][feed]
     ... per micro-batch: loss = strategy.loss(model, batch, outputs, task_loss_sum, n_targets, step)
                                                  # the whole micro-batch loss: by default task_loss_sum /
                                                  # n_targets (targets of the accumulation window); a
@@ -37,10 +43,11 @@ next strategies and not called yet)::
     metrics.update(strategy.final_metrics(metrics, evaluate))   # "strategy/..." keys of metrics.json
     strategy.save(model, run_dir)                # files the run needs to be loaded again (distill: student/)
 
-    planned: strategy.batches(data, epoch) -> which examples feed a step (DANN's unlabelled target
-             domain beside the source, multi-task sampling, continual learning's replay buffer);
-             strategy.stages() -> the stages of a run (continued pretraining, then fine-tuning; task
+    planned: strategy.stages() -> the stages of a run (continued pretraining, then fine-tuning; task
              after task), each with its dataset, steps and outputs kept in the run directory.
+
+``batches`` must be a pure function of (seed, epoch) like the run's own batch order, so that a resumed
+run (which restores the epoch and the position in it) sees exactly the batches the uninterrupted one did.
 
 Every numeric setting is declared with ``ranged(...)`` like the methods' settings, so a bad value is
 refused before anything loads; word choices are checked by ``check``.
@@ -79,6 +86,9 @@ class StrategyContext:
     autocast_dtype: torch.dtype | None
     packing: bool = False
     report: dict[str, Any] = field(default_factory=dict)  # facts for metrics.json (keys "strategy/...")
+    dataset: Any = None  # the run's DatasetConfig (how to read the strategy's own files of the same format)
+    max_length: int = 512  # trainer.max_length: encode the strategy's own data as the run's
+    seed: int = 0  # the run's seed: a strategy's own shuffles derive from it
 
 
 class Strategy:
@@ -124,6 +134,19 @@ class Strategy:
         return []
 
     # --- training ----------------------------------------------------------------------------
+    def batches(self, batches: list[list[int]], epoch: int) -> list[dict[str, list[int]]]:
+        """The micro-batches of ``epoch``: for each, the example indices of every feed.
+
+        ``batches`` are the run's own (indices into the training split, shuffled per seed and epoch),
+        fed as ``"train"``. A strategy may add feeds (DANN: ``"target"``, indices into
+        ``examples("target")``) or choose other training batches; the result must depend only on the
+        seed and ``epoch``."""
+        return [{"train": b} for b in batches]
+
+    def examples(self, feed: str) -> list[dict]:
+        """The encoded examples of an extra feed that ``batches`` names."""
+        raise KeyError(f"strategy {self.name} has no feed {feed!r}")
+
     def loss(self, model: nn.Module, batch: dict, outputs: Any, task_loss_sum: torch.Tensor, n_targets: int,
              step: int) -> torch.Tensor:
         """The micro-batch's loss: the summed task loss over the targets of the accumulation window.
