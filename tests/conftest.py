@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     """Run the installed `ftune` console script in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([str(FTUNE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_target(root: Path, n: int = 10) -> list[str]:
+    """An unlabelled target domain (kitchen appliances) and its labelled eval file; the strategy's overrides."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / "target.jsonl"
+    target.write_text("".join(json.dumps({"text": f"the blender {i} felt {'sturdy' if i % 2 else 'flimsy'}"}) + "\n"
+                              for i in range(n)))
+    evals = root / "target_eval.csv"
+    evals.write_text("text,label\n" + "".join(f"the kettle {i} was {'great' if i % 2 else 'awful'},"
+                                              f"{'positive' if i % 2 else 'negative'}\n" for i in range(6)))
+    return ["strategy=dann", f"strategy.target_path={target}", f"strategy.target_eval_path={evals}"]
 
 
 def fixed_batch(run, n: int = 4) -> dict:

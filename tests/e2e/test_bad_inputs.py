@@ -214,6 +214,17 @@ CASES = [
     Case("distill-unknown-kl", lambda d, r: train(
         "strategy=distill", "strategy.teacher=tiny_llama", "strategy.kl=kullback", f"output_dir={d / 'out'}"),
         ["strategy.kl must be forward, reverse or symmetric", "'kullback'"]),
+    Case("dann-without-a-target-dataset", lambda d, r: train(
+        *CLS, f"dataset.path={jsonl(d / 'src.jsonl', REVIEWS)}", "strategy=dann", f"output_dir={d / 'out'}"),
+        ["strategy=dann needs the target domain's text", "strategy.target_path=", "strategy.target_eval_path="]),
+    Case("dann-target-file-missing", lambda d, r: train(
+        *CLS, f"dataset.path={jsonl(d / 'src.jsonl', REVIEWS)}", "strategy=dann",
+        f"strategy.target_path={d / 'target.jsonl'}", f"output_dir={d / 'out'}"),
+        ["target.jsonl does not exist", "target domain's unlabelled text"]),
+    Case("dann-on-a-causal-dataset", lambda d, r: train(
+        "strategy=dann", f"strategy.target_path={jsonl(d / 'target.jsonl', [{'text': 'a toaster'}])}",
+        f"output_dir={d / 'out'}"),
+        ["needs a classification dataset", "dataset.format=classification", "causal lm", "strategy=domain_adapt"]),
     # data
     data_case("missing-data-file", lambda d: ["dataset=instruction", f"dataset.path={d / 'nope.jsonl'}"],
               ["does not exist", "dataset.path"]),

@@ -22,20 +22,10 @@ from ftune.outputs import read_metrics
 from ftune.strategies.dann import lambda_schedule, pooled_features, reverse_gradient
 from ftune.train import setup, train
 
+from conftest import write_target
+
 BERT = ["model=tiny_bert", "dataset=sentiment", "trainer.batch_size=4", "trainer.max_length=32",
         "dataset.max_samples=12", "dataset.max_eval_samples=6"]
-
-
-def write_target(root: Path, n: int = 10) -> list[str]:
-    """An unlabelled target domain (kitchen appliances) and its labelled eval file; the strategy's overrides."""
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / "target.jsonl"
-    target.write_text("".join(json.dumps({"text": f"the blender {i} felt {'sturdy' if i % 2 else 'flimsy'}"}) + "\n"
-                              for i in range(n)))
-    evals = root / "target_eval.csv"
-    evals.write_text("text,label\n" + "".join(f"the kettle {i} was {'great' if i % 2 else 'awful'},"
-                                              f"{'positive' if i % 2 else 'negative'}\n" for i in range(6)))
-    return ["strategy=dann", f"strategy.target_path={target}", f"strategy.target_eval_path={evals}"]
 
 
 @pytest.fixture
