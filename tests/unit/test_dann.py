@@ -185,3 +185,6 @@ def test_bad_dann_inputs_get_one_paragraph(make_cfg, dann, tmp_path):
     columns = error_of(make_cfg, *BERT, "strategy=dann", f"strategy.target_path={tmp_path / 'other.jsonl'}")
     assert "no column 'text'" in columns
     assert "strategy.gamma" in error_of(make_cfg, *BERT, *dann, "strategy.gamma=-1")
+    head_only = error_of(make_cfg, *BERT, "model=tiny_llama", "method=freeze", "method.trainable_layers=0",
+                         "method.train_final_norm=false", *dann)
+    assert "trains nothing below the classification head" in head_only
