@@ -157,7 +157,7 @@ BAD_ROWS = ("error", "skip")
 @dataclass
 class DatasetConfig:
     name: str = "???"
-    format: str = "???"  # classification | instruction | chat | text
+    format: str = "???"  # classification | instruction | chat | text | masked_text (masked-LM pretraining)
     path: str = "???"  # hub id, local file (json, jsonl, csv, tsv, parquet, txt) or directory
     subset: Optional[str] = None  # hub dataset configuration name
     split: str = "train"
@@ -186,6 +186,8 @@ class DatasetConfig:
     # causal LM
     train_on_prompt: bool = False
     pack: bool = False
+    # masked_text
+    mlm_probability: float = ranged(0.15, Range(0, 1, True, True))  # share of the tokens masked as targets
 
 
 @dataclass

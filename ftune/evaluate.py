@@ -36,6 +36,9 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
     """
     if task == "seq_cls":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    if task == "masked_lm":  # each target position predicts its own (masked) token: no shift
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        return loss, int((labels != IGNORE).sum())
     # Shift the labels, not the logits: position t is scored against label t+1, the last position
     # against nothing. Slicing the (batch, length, vocab) logits instead would copy them (hundreds of MB
     # for a 49k vocabulary), and backward would make two more buffers of that size.

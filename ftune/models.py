@@ -98,10 +98,11 @@ def build_model(
     pad_token_id: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Load or build the base model for ``task`` ("causal_lm" or "seq_cls") on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """Load or build the base model for ``task`` ("causal_lm", "seq_cls" or "masked_lm") on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    auto = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(
+        task, AutoModelForSequenceClassification)
     extra: dict = {}
     if task == "seq_cls":
         extra["num_labels"] = num_labels

@@ -34,7 +34,8 @@ from ftune.errors import FtuneError
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
                  "loss.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
                  "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
-                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json")
+                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors")
+STAGES_DIR = "stages"  # a strategy's earlier stages (domain_adapt: stages/pretrain), kept by the run's own setup
 
 
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
@@ -45,7 +46,7 @@ def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FtuneError(f"output_dir '{path}' is a file, not a directory; choose another output_dir.")
-    existing = [p.name for p in path.iterdir()] if path.exists() else []
+    existing = [p.name for p in path.iterdir() if p.name != STAGES_DIR] if path.exists() else []
     if existing and not (overwrite or resume):
         raise FtuneError(
             f"output_dir '{path}' already exists and is not empty ({', '.join(sorted(existing)[:5])}). "

@@ -35,7 +35,7 @@ from ftune.config import (
     validate_group,
 )
 from ftune.data import DataBundle, build_data, task_of
-from ftune.data.collate import Collator, epoch_batches
+from ftune.data.collate import Collator, MaskingCollator, epoch_batches
 from ftune.early_stopping import BestEvaluation, check_best_settings
 from ftune.errors import FtuneError, TrainingFailed, TrainingInterrupted
 from ftune.evaluate import SCORERS, TargetLogits, evaluate_examples, has_eval_split, score_examples
@@ -72,8 +72,8 @@ class Run:
     strategy: Strategy
     model: torch.nn.Module
     ctx: MethodContext
-    collator: Collator | PackingCollator  # the training batches' (eval batches are always padded)
-    eval_collator: Collator
+    collator: Collator | PackingCollator | MaskingCollator  # the training batches' (eval batches are padded)
+    eval_collator: Collator | MaskingCollator  # (masked LM: masked as for training)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler | None
@@ -161,8 +161,8 @@ def with_defaults(cfg: DictConfig, **groups: Any) -> DictConfig:
     return OmegaConf.create(full)
 
 
-def setup(cfg: DictConfig) -> Run:
-    """Config -> model -> method -> data -> optimizer, with every input checked first."""
+def checked_settings(cfg: DictConfig) -> tuple[TrainerConfig, ModelConfig, DatasetConfig, Method, Strategy]:
+    """Every group of the config validated, before anything loads (and before a strategy's earlier stages)."""
     trainer = validate_group(cfg, "trainer")
     model_cfg = validate_group(cfg, "model")
     data_cfg: DatasetConfig = validate_group(cfg, "dataset")
@@ -172,6 +172,12 @@ def setup(cfg: DictConfig) -> Run:
     strategy.check()
     check_target(cfg.optimizer, "optimizer")
     check_target(cfg.scheduler, "scheduler")
+    return trainer, model_cfg, data_cfg, method, strategy
+
+
+def setup(cfg: DictConfig) -> Run:
+    """Config -> model -> method -> data -> optimizer, with every input checked first."""
+    trainer, model_cfg, data_cfg, method, strategy = checked_settings(cfg)
     model_cfg = strategy.model_config(model_cfg, Path(cfg.output_dir))  # distill: a student cut from the teacher
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings,
                         strategy=strategy.settings)
@@ -226,7 +232,8 @@ def setup(cfg: DictConfig) -> Run:
     optimizer = build_optimizer(cfg, method, model, device, strategy)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    eval_collator = Collator(tokenizer.pad_token_id, task)
+    eval_collator = (MaskingCollator(tokenizer, data_cfg.mlm_probability) if task == "masked_lm"
+                     else Collator(tokenizer.pad_token_id, task))
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, strategy, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
@@ -457,6 +464,8 @@ def task_loss_targets(labels: torch.Tensor, task: str) -> int:
     """Number of targets in a batch: examples (classification) or predicted tokens (causal LM)."""
     if task == "seq_cls":
         return labels.numel()
+    if task == "masked_lm":
+        return int((labels != -100).sum())
     return int((labels[:, 1:] != -100).sum())
 
 
@@ -541,7 +550,18 @@ def finish(run: Run, metrics: dict[str, Any]) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job from a composed config; returns the final metrics."""
+    """Run one training job from a composed config; returns the final metrics.
+
+    A strategy's earlier stages (domain_adapt: continued pretraining) train first, each a run of this
+    same loop in <output_dir>/stages/<name>; one that finished before (resume=auto) is not trained again.
+    """
+    for stage in checked_settings(cfg)[-1].stages(cfg):
+        if stage.done():
+            console.print(f"stage {stage.name}: finished before, kept ({stage.cfg.output_dir})", markup=False)
+            continue
+        console.print(f"stage {stage.name}: training in {stage.cfg.output_dir}", markup=False)
+        train(stage.cfg)
+        stage.finish()
     run = setup(cfg)
     print_header(run, trainable_parameters(run.model))
     try:

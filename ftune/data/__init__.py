@@ -2,7 +2,7 @@
 
     bundle = build_data(dataset_cfg, tokenizer, max_length=512, seed=0)
     bundle.train, bundle.eval      # lists of encoded examples
-    bundle.task                    # "seq_cls" or "causal_lm"
+    bundle.task                    # "seq_cls", "causal_lm" or "masked_lm"
     bundle.label_names             # class names in id order (classification)
 """
 
@@ -19,6 +19,7 @@ from ftune.data.formats import (
     encode_chat,
     encode_classification,
     encode_instruction,
+    encode_masked_text,
     encode_text,
     resolve_labels,
 )
@@ -118,6 +119,8 @@ def build_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 0,
             return encode_instruction(part, cfg, tokenizer, max_length, source)
         if cfg.format == "chat":
             return encode_chat(part, cfg, tokenizer, max_length, source, fallback_template=chat_template)
+        if cfg.format == "masked_text":
+            return encode_masked_text(part, cfg, tokenizer, max_length, source)
         return encode_text(part, cfg, tokenizer, max_length, source)
 
     train, train_stats = encode(train_rows, cfg.path)

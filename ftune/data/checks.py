@@ -122,7 +122,7 @@ def check_rows(table: Table, cfg: DatasetConfig, label_names: list[str] | None =
         absent = [c for c in needed if c not in row]
         if absent:
             problem = f"no field {', '.join(repr(c) for c in absent)}"
-        elif cfg.format == "text":
+        elif cfg.format in ("text", "masked_text"):
             problem = _text_problem(row[cfg.text_column], cfg.text_column)
             if problem and "empty" in problem:  # an empty paragraph: like a blank line, not a bad row
                 table.blank += 1

@@ -7,6 +7,7 @@ import random
 import torch
 
 from ftune.data.formats import IGNORE
+from ftune.errors import FtuneError
 
 
 class Collator:
@@ -29,7 +30,7 @@ class Collator:
             batch["token_type_ids"] = torch.zeros((n, longest), dtype=torch.long)
         if self.task == "causal_lm":
             batch["labels"] = torch.full((n, longest), IGNORE, dtype=torch.long)
-        else:
+        elif self.task == "seq_cls":
             batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
         for i, e in enumerate(examples):
             k = len(e["input_ids"])
@@ -39,6 +40,39 @@ class Collator:
                 batch["token_type_ids"][i, :k] = torch.tensor(e["token_type_ids"])
             if self.task == "causal_lm":
                 batch["labels"][i, :k] = torch.tensor(e["labels"])
+        return batch
+
+
+class MaskingCollator:
+    """Masked-LM batches (BERT's recipe): of the tokens that are neither special nor padding, each is a
+    target with probability ``probability`` (0.15); a target's input becomes the mask token 80% of the
+    time, a random token 10%, and stays itself 10%. Labels hold the original ids at the targets and
+    IGNORE elsewhere. Draws come from torch's global generator, which checkpoints save and restore, so a
+    resumed run masks exactly as the uninterrupted one."""
+
+    def __init__(self, tokenizer, probability: float = 0.15):
+        if tokenizer.mask_token_id is None:
+            raise FtuneError(
+                "Masked-LM training (dataset.format=masked_text) replaces tokens by the tokenizer's mask token, and "
+                "this tokenizer has none: it is not an encoder's (BERT-style) tokenizer. Train a decoder with "
+                "dataset.format=text (causal LM) instead."
+            )
+        self.pad = Collator(tokenizer.pad_token_id, "masked_lm")
+        self.mask_id, self.vocab = tokenizer.mask_token_id, len(tokenizer)
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.probability = probability
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.pad(examples)
+        ids = batch["input_ids"]
+        candidate = batch["attention_mask"].bool() & ~torch.isin(ids, self.special)
+        target = candidate & (torch.rand(ids.shape) < self.probability)
+        draw = torch.rand(ids.shape)
+        masked = target & (draw < 0.8)
+        randomised = target & (draw >= 0.8) & (draw < 0.9)
+        batch["labels"] = torch.where(target, ids, torch.full_like(ids, IGNORE))
+        inputs = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
+        batch["input_ids"] = torch.where(randomised, torch.randint(self.vocab, ids.shape), inputs)
         return batch
 
 

@@ -255,4 +255,27 @@ def encode_text(rows, cfg: DatasetConfig, tokenizer, max_length: int, source: st
     return out, stats
 
 
-TASK_OF_FORMAT = {"classification": "seq_cls", "instruction": "causal_lm", "chat": "causal_lm", "text": "causal_lm"}
+def encode_masked_text(rows, cfg: DatasetConfig, tokenizer, max_length: int, source: str):
+    """Masked-LM continued pretraining (encoders): each row tokenized with the model's special tokens
+    ([CLS] ... [SEP]), truncated to ``max_length``; which tokens are masked is drawn per batch
+    (:class:`ftune.data.collate.MaskingCollator`)."""
+    _require_columns(rows, [cfg.text_column], "text", source)
+    stats = EncodeStats(rows=len(rows))
+    texts = [str(r[cfg.text_column] or "") for r in rows]
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    out = []
+    for i, ids in enumerate(enc["input_ids"]):
+        if not texts[i].strip():
+            stats.dropped_empty += 1
+            continue
+        ex = {"input_ids": ids}
+        if "token_type_ids" in enc:
+            ex["token_type_ids"] = enc["token_type_ids"][i]
+        out.append(ex)
+    stats.kept = len(out)
+    return out, stats
+
+
+# masked_text: raw text for masked-LM continued pretraining of an encoder (strategy=domain_adapt's first stage)
+TASK_OF_FORMAT = {"classification": "seq_cls", "instruction": "causal_lm", "chat": "causal_lm", "text": "causal_lm",
+                  "masked_text": "masked_lm"}

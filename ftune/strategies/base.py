@@ -43,8 +43,16 @@ next strategies and not called yet)::
     metrics.update(strategy.final_metrics(metrics, evaluate))   # "strategy/..." keys of metrics.json
     strategy.save(model, run_dir)                # files the run needs to be loaded again (distill: student/)
 
-    planned: strategy.stages() -> the stages of a run (continued pretraining, then fine-tuning; task
-             after task), each with its dataset, steps and outputs kept in the run directory.
+
+Before all of this, ``train()`` runs the strategy's earlier stages::
+
+    for stage in strategy.stages(cfg):           # domain_adapt: continued pretraining; [] for most
+        if not stage.done(): train(stage.cfg); stage.finish()   # a whole run of the one loop, in
+                                                 # <run>/stages/<name>/, resumed with the run's resume=
+
+and the run itself is the last stage (its model may come from the earlier ones through
+``model_config``). A stage that finished is never trained again, so ``resume=auto`` after a kill in a
+later stage continues that stage.
 
 ``batches`` must be a pure function of (seed, epoch) like the run's own batch order, so that a resumed
 run (which restores the epoch and the position in it) sees exactly the batches the uninterrupted one did.
@@ -73,6 +81,16 @@ class StrategySettings:
     """Settings every strategy YAML carries; subclasses add their own fields (numbers with ``ranged``)."""
 
     name: str = "none"
+
+
+@dataclass
+class Stage:
+    """A stage that trains before the run itself: a complete training config of its own."""
+
+    name: str
+    cfg: Any  # the composed config of the stage's run; its output_dir is <run>/stages/<name>
+    done: Callable[[], bool]  # finished already (its result is in place): not trained again
+    finish: Callable[[], None]  # after it trained: hand its result to the next stage (domain_adapt: the model)
 
 
 @dataclass
@@ -106,6 +124,11 @@ class Strategy:
     # --- before loading ---------------------------------------------------------------------
     def check(self) -> None:
         """Raise FtuneError for settings that type-check but cannot work (word choices, missing inputs)."""
+
+    def stages(self, cfg: Any) -> list[Stage]:
+        """The stages that train before the run itself (none here). Called before anything loads; a
+        strategy with stages also prepares the run directory (it holds the stages' outputs)."""
+        return []
 
     def model_config(self, model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
         """The run's base model config (recorded in config.yaml, used to load the run again)."""
@@ -244,4 +267,5 @@ def build_strategy(strategy_cfg: Any) -> Strategy:
     return strategy
 
 
-__all__ = ["STRATEGIES", "Strategy", "StrategyContext", "StrategySettings", "build_strategy", "register_strategy"]
+__all__ = ["STRATEGIES", "Stage", "Strategy", "StrategyContext", "StrategySettings", "build_strategy",
+           "register_strategy"]
