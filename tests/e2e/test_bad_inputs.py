@@ -225,6 +225,9 @@ CASES = [
         "strategy=dann", f"strategy.target_path={jsonl(d / 'target.jsonl', [{'text': 'a toaster'}])}",
         f"output_dir={d / 'out'}"),
         ["needs a classification dataset", "dataset.format=classification", "causal lm", "strategy=domain_adapt"]),
+    Case("domain-adapt-corpus-missing", lambda d, r: train(
+        "strategy=domain_adapt", f"strategy.corpus_path={d / 'corpus.txt'}", f"output_dir={d / 'out'}"),
+        ["corpus.txt does not exist", "raw text", "a passage per line"]),
     # data
     data_case("missing-data-file", lambda d: ["dataset=instruction", f"dataset.path={d / 'nope.jsonl'}"],
               ["does not exist", "dataset.path"]),
