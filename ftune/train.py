@@ -175,6 +175,9 @@ def checked_settings(cfg: DictConfig) -> tuple[TrainerConfig, ModelConfig, Datas
     return trainer, model_cfg, data_cfg, method, strategy
 
 
+MASKED_LM_METHODS = ("full", "freeze", "bitfit")  # the methods that train a masked-LM model (no peft task type)
+
+
 def setup(cfg: DictConfig) -> Run:
     """Config -> model -> method -> data -> optimizer, with every input checked first."""
     trainer, model_cfg, data_cfg, method, strategy = checked_settings(cfg)
@@ -182,6 +185,11 @@ def setup(cfg: DictConfig) -> Run:
     cfg = with_defaults(cfg, model=model_cfg, dataset=data_cfg, trainer=trainer, method=method.settings,
                         strategy=strategy.settings)
     task = task_of(data_cfg)
+    if task == "masked_lm" and method.name not in MASKED_LM_METHODS:
+        raise FtuneError(
+            f"dataset.format=masked_text (masked-LM pretraining) trains the model's own weights: method={method.name} "
+            f"is not supported for it. Use method=full, freeze or bitfit (strategy=domain_adapt's first stage is full)."
+        )
     check_scoring(trainer, task, has_eval_split(data_cfg))
     check_best_settings(trainer, task, has_eval_split(data_cfg))
     trackers = build_trackers(cfg)  # each chosen tracker's library imported now: a missing one is refused here

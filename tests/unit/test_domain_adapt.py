@@ -126,4 +126,8 @@ def test_bad_domain_adapt_inputs_get_one_paragraph(make_cfg, tmp_path):
     assert "strategy.pretrain_steps" in error_of(make_cfg, *BERT, *corpus(tmp_path / "d"), "strategy.pretrain_steps=0")
     decoder = error_of(make_cfg, *BERT, "model=tiny_llama", *corpus(tmp_path / "d"), "strategy.objective=masked")
     assert "is a decoder without one" in decoder and "strategy.objective=causal" in decoder
+    (tmp_path / "d" / "c.txt").write_text("a line of text\n")
+    lora = error_of(make_cfg, "model=tiny_bert", "dataset=text", "dataset.format=masked_text",
+                    f"dataset.path={tmp_path / 'd' / 'c.txt'}", "method=lora")
+    assert "method=lora is not supported" in lora and "method=full" in lora
     assert not (tmp_path / "run").exists()  # every refusal came before the run directory was made
