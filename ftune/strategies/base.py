@@ -8,8 +8,7 @@ a run goes through. One strategy per run (``strategy=none`` by default), chosen 
 runs inside the one training loop through the hooks below. A new strategy is one file with a
 registered class, one YAML and its tests.
 
-Hooks, in the order the trainer calls them (those marked *planned* are the shape reserved for the
-next strategies and not called yet)::
+Hooks, in the order the trainer calls them::
 
     strategy = build_strategy(cfg.strategy)      # settings validated from configs/strategy/<name>.yaml;
                                                  # their numeric ranges join check_settings' one paragraph
@@ -175,7 +174,8 @@ class Strategy:
         """The micro-batch's loss: the summed task loss over the targets of the accumulation window.
 
         For a causal LM ``outputs.logits`` holds only the positions that have a target
-        (``1 x targets x vocab``, in order; see ``ftune.evaluate.TargetLogits``)."""
+        (``1 x targets x vocab``, in order; see ``ftune.evaluate.TargetLogits``). The strategy's own
+        feeds (``batches``) are collated under ``batch["feeds"][name]``, on the device."""
         return task_loss_sum / n_targets
 
     def after_step(self, model: nn.Module, step: int) -> None:
