@@ -21,6 +21,8 @@ import pytest
 
 from ftune.methods import METHODS
 
+from conftest import write_target
+
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("kill_and_resume", REPO / "scripts" / "kill_and_resume.py")
 kr = sys.modules.setdefault("kill_and_resume", importlib.util.module_from_spec(_spec))
@@ -148,6 +150,9 @@ def runs(request, tmp_path_factory):
                   if "test_sigkill_then_resume_auto_is_exact_with_packing" in selected else None)
         distill = (kr.Matrix(pool, ["lora"], workdir / "distill", STEPS, damage=(), extra=DISTILL)
                    if "test_sigkill_then_resume_auto_is_exact_with_distillation" in selected else None)
+        dann = (kr.Matrix(pool, ["lora"], workdir / "dann", STEPS, damage=(),
+                          extra=("model=tiny_bert", "dataset=sentiment", *write_target(workdir / "dann_data")))
+                if "test_sigkill_then_resume_auto_is_exact_with_dann" in selected else None)
         jobs = {}
         for name, job in (("test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly", signal_chain),
                           ("test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint", nan_failure),
@@ -156,6 +161,7 @@ def runs(request, tmp_path_factory):
                 jobs[job.__name__] = pool.submit(job, workdir)
         jobs["packed"] = packed
         jobs["distill"] = distill
+        jobs["dann"] = dann
         yield matrix, jobs
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -198,6 +204,23 @@ def test_sigkill_then_resume_auto_is_exact_with_distillation(runs):
     rows = [[{k: v for k, v in r.items() if k.startswith("strategy/")} for r in kr.logged_steps(d / "metrics.jsonl")]
             for d in (ref, res.out)]
     assert rows[0] == rows[1] and all(r for r in rows[0])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_is_exact_with_dann(runs):
+    """strategy=dann on tiny BERT: the target feed of every epoch, the domain classifier and its optimizer state,
+    and the strategy's sums come back with the checkpoint: weights and every logged row as uninterrupted."""
+    _, jobs = runs
+    res = jobs["dann"].result("lora")
+    print(kr.HEADER)
+    print(res.row())
+    assert res.ok, f"{res.problem} (kill seed {res.seed}; kill at step {res.killed_at}, checkpoints {res.checkpoints_at_kill})"
+    assert res.weight_diff <= 1e-6 and res.loss_diff <= 1e-6 and res.steps_compared >= 1
+    ref, _ = jobs["dann"].reference("lora")
+    rows = [[{k: v for k, v in r.items() if k.startswith("strategy/")} for r in kr.logged_steps(d / "metrics.jsonl")]
+            for d in (ref, res.out)]
+    assert rows[0] == rows[1] and all("strategy/domain_accuracy" in r for r in rows[0])
+    assert (ref / "domain_classifier.safetensors").read_bytes() == (res.out / "domain_classifier.safetensors").read_bytes()
 
 
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly(runs):
