@@ -59,6 +59,11 @@ def report_error(err: BaseException, verbose: bool) -> None:
 
     if verbose:
         traceback.print_exception(err)
+    from ftune.distributed import write_error
+
+    if write_error(str(err)):  # a process of trainer.num_processes=N: the launcher prints it, last
+        return
+    console.quiet = False  # (ranks other than 0 are quiet during training; their errors are shown)
     # escaped: a message's own brackets (`pip install 'ftune[wandb]'`, `logger=[a,b]`) are text, not rich markup
     console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
 
@@ -70,6 +75,12 @@ def _train_job(cfg) -> float | None:
     from ftune.thirdparty import hide_bitsandbytes, needs_bitsandbytes, save_library_log
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    n = int(cfg.trainer.get("num_processes", 1) or 1)
+    if n > 1:
+        from ftune.distributed import launched
+
+        if not launched():  # trainer.num_processes=N: start N processes of this job through torch.distributed.run
+            return _launch_processes(cfg, n, multirun)
     if not multirun and not needs_bitsandbytes(cfg):  # (a sweep's later jobs may need it: not hidden there)
         hide_bitsandbytes()
     from ftune.train import train
@@ -100,6 +111,31 @@ def _train_job(cfg) -> float | None:
     console.print(f"[bold green]done[/] {key} = {metrics[key]:.4f}"
                   + (f" (before training {before:.4f})" if before is not None else "") + f"   run: {cfg.output_dir}")
     return metrics[key]
+
+
+def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
+    """This job's overrides, run as N processes by torch.distributed.run; its score from metrics.json."""
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from ftune.distributed import launch
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("output_dir=", "hydra."))]
+    try:
+        code, message = launch(n, [*overrides, f"output_dir={cfg.output_dir}"], str(cfg.trainer.device))
+    except FtuneError as e:
+        code, message = e.exit_code, str(e)
+    if code:
+        report_error(FtuneError(message or f"The {n} training processes stopped with exit code {code}; their "
+                                "output above says why (verbose=true shows tracebacks)."), bool(cfg.get("verbose")))
+        if multirun:
+            return None
+        sys.exit(code)
+    metrics_file = Path(cfg.output_dir) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
+    return metrics[key] if key else None
 
 
 # output directories that existed before this command ran (an output_dir=... the user named): a failed
