@@ -47,6 +47,22 @@ metric=KEY; it writes comparison.md, comparison.csv and comparison.png.
 """
 
 
+def _lost_peers(e: BaseException) -> FtuneError | None:
+    """The error of a collective that failed because another process of a distributed run died (gloo / nccl)."""
+    from ftune.distributed import from_env
+
+    text = f"{type(e).__name__} {e}"
+    if not from_env().enabled or not any(s in text for s in (
+            "DistBackendError", "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+            "Broken pipe", "DistNetworkError")):
+        return None
+    err = FtuneError(f"Training process {from_env().rank} stopped because another process of the run stopped first "
+                     f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); that process's error "
+                     f"says why.")
+    err.lost_peers = True
+    return err
+
+
 def _verbose(argv: list[str]) -> bool:
     return any(a in ("verbose=true", "verbose=True", "+verbose=true") for a in argv) or bool(os.environ.get("FTUNE_VERBOSE"))
 
@@ -61,7 +77,7 @@ def report_error(err: BaseException, verbose: bool) -> None:
         traceback.print_exception(err)
     from ftune.distributed import write_error
 
-    if write_error(str(err)):  # a process of trainer.num_processes=N: the launcher prints it, last
+    if write_error(str(err), secondary=bool(getattr(err, "lost_peers", False))):  # a process of trainer.num_processes=N: the launcher prints it, last
         return
     console.quiet = False  # (ranks other than 0 are quiet during training; their errors are shown)
     # escaped: a message's own brackets (`pip install 'ftune[wandb]'`, `logger=[a,b]`) are text, not rich markup
@@ -86,7 +102,13 @@ def _train_job(cfg) -> float | None:
     from ftune.train import train
 
     try:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except Exception as e:  # several processes: one that died makes the others' collectives fail
+            lost = _lost_peers(e) if not isinstance(e, FtuneError) else None
+            if lost is None:
+                raise
+            raise lost from e
     except FtuneError as e:
         if Path(cfg.output_dir).is_dir() and any(Path(cfg.output_dir).iterdir()):
             save_library_log(Path(cfg.output_dir))  # beside the failed run's checkpoints
@@ -121,7 +143,9 @@ def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
 
     from ftune.distributed import launch
 
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("output_dir=", "hydra."))]
+    # as typed (interpolations such as ${oc.env:RANK} are resolved in each process); a sweep's job: its own values
+    given = HydraConfig.get().overrides.task if multirun else _OVERRIDES
+    overrides = [o for o in given if not o.startswith(("output_dir=", "hydra.", "-"))]
     try:
         code, message = launch(n, [*overrides, f"output_dir={cfg.output_dir}"], str(cfg.trainer.device))
     except FtuneError as e:
@@ -137,6 +161,8 @@ def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
     key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
     return metrics[key] if key else None
 
+
+_OVERRIDES: list[str] = []  # the overrides `ftune train` was given (after the quickstart recipe was added)
 
 # output directories that existed before this command ran (an output_dir=... the user named): a failed
 # run never removes those, even when they are empty
@@ -328,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
         named = Path(a.split("=", 1)[1]).expanduser() if a.startswith("output_dir=") else None
         if named is not None and named.exists():
             _EXISTED.add(named.resolve())
-    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quickstart(command, _quote_free_text(command, rest)))
+    overrides = _quickstart(command, _quote_free_text(command, rest))
+    _OVERRIDES[:] = overrides
+    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(overrides)
     try:
         app()
     except FtuneError as e:
@@ -351,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"trainer.max_length, set trainer.activation_checkpointing=true, or use method=qlora / "
                 f"optimizer=adamw_8bit. With trainer.save_every set, resume=auto continues from the last checkpoint."
             ), 1
+        elif err is None and _lost_peers(e) is not None:
+            err, code = _lost_peers(e), 1
         elif err is None:
             err, code = FtuneError(
                 f"ftune stopped on an unexpected error ({type(e).__name__}: "

@@ -119,15 +119,16 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def write_error(message: str) -> bool:
+def write_error(message: str, secondary: bool = False) -> bool:
     """A failing rank's paragraph, for the launcher started by trainer.num_processes to print last.
 
-    False when this process was not started by it (the rank prints the paragraph itself)."""
+    False when this process was not started by it (the rank prints the paragraph itself). ``secondary``:
+    the process only lost its peers; another rank's own error is shown when there is one."""
     folder = os.environ.get(ERROR_DIR)
     if not folder or not from_env().enabled:
         return False
     try:
-        Path(folder, f"rank-{from_env().rank}.txt").write_text(message)
+        Path(folder, f"rank-{from_env().rank}{'.lost' if secondary else ''}.txt").write_text(message)
     except OSError:
         return False
     return True
@@ -155,7 +156,7 @@ def launch(n: int, overrides: list[str], device_name: str) -> tuple[int, str | N
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_launch(n, device_name)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # ftune prints the failing rank's paragraph itself
     with tempfile.TemporaryDirectory(prefix="ftune-ranks-") as errors:
         os.environ[ERROR_DIR] = errors
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it: n processes share the cores
@@ -173,8 +174,9 @@ def launch(n: int, overrides: list[str], device_name: str) -> tuple[int, str | N
         finally:
             os.environ.pop(ERROR_DIR, None)
         # the first rank to fail names the cause (the others may only have lost their peers)
-        found = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime_ns)
+        found = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: (p.name.endswith(".lost.txt"),
+                                                                           p.stat().st_mtime_ns))
         if code and found:
-            rank = int(found[0].stem.split("-")[1])
+            rank = int(found[0].name.split("-")[1].split(".")[0])
             return (codes.get(rank) if (codes.get(rank) or 0) > 0 else code), found[0].read_text()
         return code, None
