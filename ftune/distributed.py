@@ -119,6 +119,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective: every rank calls it)."""
+    if not _WORLD.enabled:
+        return [obj]
+    out: list[Any] = [None] * _WORLD.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def write_error(message: str, secondary: bool = False) -> bool:
     """A failing rank's paragraph, for the launcher started by trainer.num_processes to print last.
 
@@ -176,6 +185,16 @@ def launch(n: int, overrides: list[str], device_name: str) -> tuple[int, str | N
         # the first rank to fail names the cause (the others may only have lost their peers)
         found = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: (p.name.endswith(".lost.txt"),
                                                                            p.stat().st_mtime_ns))
+        # a rank killed by a signal; the launcher ends the others with SIGTERM, so another signal names the cause
+        signalled = sorted(((c == -15, r, -c) for r, c in codes.items() if c < 0))
+        killed = signalled[0][1:] if signalled else None
+        if code and killed and not (found and not found[0].name.endswith(".lost.txt")):
+            import signal
+
+            rank, sig = killed
+            return 128 + sig, (f"Training process {rank} was killed by signal {sig} ({signal.Signals(sig).name}), "
+                               f"so the other processes were stopped too. With trainer.save_every set, the same "
+                               f"command plus resume=auto continues from the last checkpoint.")
         if code and found:
             rank = int(found[0].name.split("-")[1].split(".")[0])
             return (codes.get(rank) if (codes.get(rank) or 0) > 0 else code), found[0].read_text()

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ftune import distributed
-from ftune.checkpoint import LoopState, resume_from, save_checkpoint
+from ftune.checkpoint import LoopState, resume_from, rng_state, save_checkpoint
 from ftune.config import (
     DatasetConfig,
     ModelConfig,
@@ -284,9 +284,11 @@ def train_loop(run: Run) -> dict[str, Any]:
 
     def checkpoint() -> Path:
         path = run.out / "checkpoints" / f"step-{loop.step:06d}"
+        rank_rng = distributed.gather_objects(rng_state()) if world.enabled else None  # dropout differs by rank
         if world.main:  # DDP's weights and optimizer states are the same on every rank
             path = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
-                                   run.method, identity(run), t.keep_checkpoints, best.to_save(loop), run.strategy)
+                                   run.method, identity(run), t.keep_checkpoints, best.to_save(loop), run.strategy,
+                                   rank_rng)
         distributed.barrier()
         return path
 
