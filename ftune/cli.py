@@ -141,8 +141,21 @@ def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from ftune.distributed import launch
+    from ftune.config import validate_group
+    from ftune.distributed import World, launch
+    from ftune.methods.base import build_method
+    from ftune.strategies import build_strategy
+    from ftune.train import check_distributed
 
+    try:  # what several processes cannot train is refused before any is started
+        check_distributed(validate_group(cfg, "trainer"), build_method(cfg.method), build_strategy(cfg.get("strategy")),
+                          World(0, n))
+    except FtuneError as e:
+        report_error(e, bool(cfg.get("verbose")))
+        if multirun:
+            return None
+        _remove_if_created_empty(Path(cfg.output_dir))
+        sys.exit(e.exit_code)
     # as typed (interpolations such as ${oc.env:RANK} are resolved in each process); a sweep's job: its own values
     given = HydraConfig.get().overrides.task if multirun else _OVERRIDES
     overrides = [o for o in given if not o.startswith(("output_dir=", "hydra.", "-"))]
@@ -151,6 +164,7 @@ def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
     except FtuneError as e:
         code, message = e.exit_code, str(e)
     if code:
+        _remove_if_created_empty(Path(cfg.output_dir))
         report_error(FtuneError(message or f"The {n} training processes stopped with exit code {code}; their "
                                 "output above says why (verbose=true shows tracebacks)."), bool(cfg.get("verbose")))
         if multirun:

@@ -165,7 +165,8 @@ def launch(n: int, overrides: list[str], device_name: str) -> tuple[int, str | N
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_launch(n, device_name)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # ftune prints the failing rank's paragraph itself
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # ftune prints the failing rank's paragraph itself
     with tempfile.TemporaryDirectory(prefix="ftune-ranks-") as errors:
         os.environ[ERROR_DIR] = errors
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it: n processes share the cores

@@ -539,8 +539,8 @@ class NoLog:
 def check_distributed(t: TrainerConfig, method: Method, strategy: Strategy, world: distributed.World) -> None:
     """What several processes cannot train (yet), refused with the reason before any process group exists."""
     if t.distributed != "ddp":
-        raise FtuneError(f"trainer.distributed={t.distributed} is not a distributed strategy ftune has; use "
-                         f"trainer.distributed=ddp (DistributedDataParallel).")
+        raise FtuneError(f"Unknown trainer.distributed={t.distributed}; ftune trains several processes with "
+                         f"trainer.distributed=ddp (DistributedDataParallel), the default.")
     if not world.enabled and t.num_processes == 1:
         return
     if strategy.name != "none":
