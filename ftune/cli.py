@@ -87,6 +87,7 @@ def report_error(err: BaseException, verbose: bool) -> None:
 def _train_job(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ftune.distributed import from_env
     from ftune.progress import console, metrics_table
     from ftune.thirdparty import hide_bitsandbytes, needs_bitsandbytes, save_library_log
 
@@ -110,7 +111,7 @@ def _train_job(cfg) -> float | None:
                 raise
             raise lost from e
     except FtuneError as e:
-        if Path(cfg.output_dir).is_dir() and any(Path(cfg.output_dir).iterdir()):
+        if Path(cfg.output_dir).is_dir() and any(Path(cfg.output_dir).iterdir()) and from_env().main:
             save_library_log(Path(cfg.output_dir))  # beside the failed run's checkpoints
         report_error(e, bool(cfg.get("verbose")))
         if multirun:  # one failing job (e.g. bitfit on Llama) must not stop the rest of a sweep
@@ -123,7 +124,8 @@ def _train_job(cfg) -> float | None:
             return None
         _remove_if_created_empty(Path(cfg.output_dir))
         sys.exit(e.exit_code)
-    save_library_log(Path(cfg.output_dir))
+    if from_env().main:  # several processes: rank 0 writes the run directory
+        save_library_log(Path(cfg.output_dir))
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
     key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
     if key is None:  # no eval split: say so rather than print nan
