@@ -6,6 +6,8 @@
       best.safetensors        trainer.keep_best: the trainable tensors of the best evaluation so far (absent
                               when that is this step's, or without keep_best)
       strategy.pt             the training strategy's state (distill: its loss sums), when the run has one
+      rng-ranks.pt            several processes: every rank's random state (rank r resumes with its own
+                              when the resumed run has as many processes; rank 0's otherwise)
       state.json              step, epoch, position in the epoch's batches, tokens seen, the loss of the
                               logging window not yet logged, skipped NaN batches, the best evaluation so far
                               and the evaluations since (early stopping), identity, file sizes
@@ -39,6 +41,7 @@ from ftune.errors import FtuneError, TrainingFailed
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "method.pt")
 BEST_FILE = "best.safetensors"  # trainer.keep_best, when the best evaluation is not the checkpoint's own step
 STRATEGY_FILE = "strategy.pt"  # written when the run has a strategy (checkpoints before strategies lack it)
+RANKS_RNG_FILE = "rng-ranks.pt"  # several processes: each rank's random state, in rank order
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -65,7 +68,7 @@ class CheckpointMismatch(FtuneError):
     """A readable checkpoint of another run: different model, method, task or trainable tensors."""
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -114,10 +117,11 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, scaler, method,
                     identity: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None,
-                    strategy=None) -> Path:
+                    strategy=None, rank_rng: list[dict[str, Any]] | None = None) -> Path:
     """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights.
 
     ``best``: the trainable tensors of the best evaluation so far (trainer.keep_best), as best.safetensors.
+    ``rank_rng``: several processes: every rank's random state (:func:`rng_state` of each), as rng-ranks.pt.
     """
     tensors = trainable_tensors(model)
     broken = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -137,13 +141,16 @@ def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, sc
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(scaler.state_dict() if scaler is not None else {}, tmp / "scaler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     torch.save(method.state_dict(), tmp / "method.pt")
     if best:
         save_file(best, str(tmp / BEST_FILE))
     if strategy is not None:
         torch.save(strategy.state_dict(), tmp / STRATEGY_FILE)
-    files = (*FILES, *([BEST_FILE] if best else []), *([STRATEGY_FILE] if strategy is not None else []))
+    if rank_rng:
+        torch.save(rank_rng, tmp / RANKS_RNG_FILE)
+    files = (*FILES, *([BEST_FILE] if best else []), *([STRATEGY_FILE] if strategy is not None else []),
+             *([RANKS_RNG_FILE] if rank_rng else []))
     sizes = {name: (tmp / name).stat().st_size for name in files}
     (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "identity": identity, "sizes": sizes}, indent=1))
     for name in (*sizes, "state.json"):
@@ -178,6 +185,7 @@ class Checkpoint:
     identity: dict
     best: dict[str, torch.Tensor] | None = None  # best.safetensors (trainer.keep_best)
     strategy: dict = dataclasses.field(default_factory=dict)
+    rank_rng: list = dataclasses.field(default_factory=list)  # rng-ranks.pt (several processes)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -199,6 +207,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
             ckpt.best = load_file(str(path / BEST_FILE))
         if (path / STRATEGY_FILE).exists():
             ckpt.strategy = torch.load(path / STRATEGY_FILE, weights_only=True)
+        if (path / RANKS_RNG_FILE).exists():
+            ckpt.rank_rng = torch.load(path / RANKS_RNG_FILE, weights_only=True)
         return ckpt
     except Exception as e:  # a damaged file of any kind
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -270,6 +280,10 @@ def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler,
     if scaler is not None and ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)
     _set_rng_state(ckpt.rng)
+    from ftune.distributed import world
+
+    if ckpt.rank_rng and len(ckpt.rank_rng) == world().world_size:  # the same processes: each its own stream
+        _set_rng_state(ckpt.rank_rng[world().rank])
     if best is not None:
         best.load(ckpt)
     return ckpt.loop

@@ -47,6 +47,22 @@ metric=KEY; it writes comparison.md, comparison.csv and comparison.png.
 """
 
 
+def _lost_peers(e: BaseException) -> FtuneError | None:
+    """The error of a collective that failed because another process of a distributed run died (gloo / nccl)."""
+    from ftune.distributed import from_env
+
+    text = f"{type(e).__name__} {e}"
+    if not from_env().enabled or not any(s in text for s in (
+            "DistBackendError", "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+            "Broken pipe", "DistNetworkError")):
+        return None
+    err = FtuneError(f"Training process {from_env().rank} stopped because another process of the run stopped first "
+                     f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); that process's error "
+                     f"says why.")
+    err.lost_peers = True
+    return err
+
+
 def _verbose(argv: list[str]) -> bool:
     return any(a in ("verbose=true", "verbose=True", "+verbose=true") for a in argv) or bool(os.environ.get("FTUNE_VERBOSE"))
 
@@ -59,6 +75,11 @@ def report_error(err: BaseException, verbose: bool) -> None:
 
     if verbose:
         traceback.print_exception(err)
+    from ftune.distributed import write_error
+
+    if write_error(str(err), secondary=bool(getattr(err, "lost_peers", False))):  # a process of trainer.num_processes=N: the launcher prints it, last
+        return
+    console.quiet = False  # (ranks other than 0 are quiet during training; their errors are shown)
     # escaped: a message's own brackets (`pip install 'ftune[wandb]'`, `logger=[a,b]`) are text, not rich markup
     console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
 
@@ -66,18 +87,31 @@ def report_error(err: BaseException, verbose: bool) -> None:
 def _train_job(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ftune.distributed import from_env
     from ftune.progress import console, metrics_table
     from ftune.thirdparty import hide_bitsandbytes, needs_bitsandbytes, save_library_log
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    n = int(cfg.trainer.get("num_processes", 1) or 1)
+    if n > 1:
+        from ftune.distributed import launched
+
+        if not launched():  # trainer.num_processes=N: start N processes of this job through torch.distributed.run
+            return _launch_processes(cfg, n, multirun)
     if not multirun and not needs_bitsandbytes(cfg):  # (a sweep's later jobs may need it: not hidden there)
         hide_bitsandbytes()
     from ftune.train import train
 
     try:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except Exception as e:  # several processes: one that died makes the others' collectives fail
+            lost = _lost_peers(e) if not isinstance(e, FtuneError) else None
+            if lost is None:
+                raise
+            raise lost from e
     except FtuneError as e:
-        if Path(cfg.output_dir).is_dir() and any(Path(cfg.output_dir).iterdir()):
+        if Path(cfg.output_dir).is_dir() and any(Path(cfg.output_dir).iterdir()) and from_env().main:
             save_library_log(Path(cfg.output_dir))  # beside the failed run's checkpoints
         report_error(e, bool(cfg.get("verbose")))
         if multirun:  # one failing job (e.g. bitfit on Llama) must not stop the rest of a sweep
@@ -90,7 +124,8 @@ def _train_job(cfg) -> float | None:
             return None
         _remove_if_created_empty(Path(cfg.output_dir))
         sys.exit(e.exit_code)
-    save_library_log(Path(cfg.output_dir))
+    if from_env().main:  # several processes: rank 0 writes the run directory
+        save_library_log(Path(cfg.output_dir))
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
     key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
     if key is None:  # no eval split: say so rather than print nan
@@ -101,6 +136,49 @@ def _train_job(cfg) -> float | None:
                   + (f" (before training {before:.4f})" if before is not None else "") + f"   run: {cfg.output_dir}")
     return metrics[key]
 
+
+def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
+    """This job's overrides, run as N processes by torch.distributed.run; its score from metrics.json."""
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from ftune.config import validate_group
+    from ftune.distributed import World, launch
+    from ftune.methods.base import build_method
+    from ftune.strategies import build_strategy
+    from ftune.train import check_distributed
+
+    try:  # what several processes cannot train is refused before any is started
+        check_distributed(validate_group(cfg, "trainer"), build_method(cfg.method), build_strategy(cfg.get("strategy")),
+                          World(0, n))
+    except FtuneError as e:
+        report_error(e, bool(cfg.get("verbose")))
+        if multirun:
+            return None
+        _remove_if_created_empty(Path(cfg.output_dir))
+        sys.exit(e.exit_code)
+    # as typed (interpolations such as ${oc.env:RANK} are resolved in each process); a sweep's job: its own values
+    given = HydraConfig.get().overrides.task if multirun else _OVERRIDES
+    overrides = [o for o in given if not o.startswith(("output_dir=", "hydra.", "-"))]
+    try:
+        code, message = launch(n, [*overrides, f"output_dir={cfg.output_dir}"], str(cfg.trainer.device))
+    except FtuneError as e:
+        code, message = e.exit_code, str(e)
+    if code:
+        _remove_if_created_empty(Path(cfg.output_dir))
+        report_error(FtuneError(message or f"The {n} training processes stopped with exit code {code}; their "
+                                "output above says why (verbose=true shows tracebacks)."), bool(cfg.get("verbose")))
+        if multirun:
+            return None
+        sys.exit(code)
+    metrics_file = Path(cfg.output_dir) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
+    return metrics[key] if key else None
+
+
+_OVERRIDES: list[str] = []  # the overrides `ftune train` was given (after the quickstart recipe was added)
 
 # output directories that existed before this command ran (an output_dir=... the user named): a failed
 # run never removes those, even when they are empty
@@ -292,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
         named = Path(a.split("=", 1)[1]).expanduser() if a.startswith("output_dir=") else None
         if named is not None and named.exists():
             _EXISTED.add(named.resolve())
-    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(_quickstart(command, _quote_free_text(command, rest)))
+    overrides = _quickstart(command, _quote_free_text(command, rest))
+    _OVERRIDES[:] = overrides
+    sys.argv = [f"ftune {command}", *searchpath] + _translate_output_dir(overrides)
     try:
         app()
     except FtuneError as e:
@@ -315,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"trainer.max_length, set trainer.activation_checkpointing=true, or use method=qlora / "
                 f"optimizer=adamw_8bit. With trainer.save_every set, resume=auto continues from the last checkpoint."
             ), 1
+        elif err is None and _lost_peers(e) is not None:
+            err, code = _lost_peers(e), 1
         elif err is None:
             err, code = FtuneError(
                 f"ftune stopped on an unexpected error ({type(e).__name__}: "

@@ -220,6 +220,8 @@ class TrainerConfig:
     keep_checkpoints: int = ranged(2, AT_LEAST_1)
     skip_nan_batches: bool = False
     progress: bool = True
+    num_processes: int = ranged(1, AT_LEAST_1)  # >1: `ftune train` starts that many processes (torch.distributed.run)
+    distributed: str = "ddp"  # how several processes train: ddp (DistributedDataParallel)
 
 
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "dataset": DatasetConfig, "trainer": TrainerConfig}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,12 @@ def _batched_logits(model: nn.Module, examples: list[dict], collator: Collator, 
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator, task: str,
                       device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None,
-                      target_logits: TargetLogits | None = None) -> dict:
+                      target_logits: TargetLogits | None = None,
+                      reduce: Callable[[list[float]], list[float]] | None = None) -> dict:
     """Loss over ``examples`` and, for classification, accuracy. Keys are prefixed ``eval/``.
 
-    ``target_logits``: the training run's hook on the output layer (a temporary one otherwise)."""
+    ``target_logits``: the training run's hook on the output layer (a temporary one otherwise).
+    ``reduce``: sums (loss, targets, correct, examples) over processes, each of which scored its shard."""
     was_training = model.training
     model.eval()
     loss_sum, n_targets, correct = 0.0, 0, 0
@@ -153,13 +156,17 @@ def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator
         if own:
             scorer.remove()
     model.train(was_training)
+    n_examples = len(examples)
+    if reduce is not None:
+        loss_sum, n_targets, correct, n_examples = reduce([loss_sum, n_targets, correct, n_examples])
+        n_targets, correct, n_examples = int(n_targets), int(correct), int(n_examples)
     mean = loss_sum / max(n_targets, 1)
     metrics = {"eval/loss": mean}
     if task == "seq_cls":
         metrics["eval/accuracy"] = correct / max(n_targets, 1)
     else:
         metrics["eval/perplexity"] = math.exp(min(mean, 50.0))
-    metrics["eval/examples"] = len(examples)
+    metrics["eval/examples"] = n_examples
     return metrics
 
 

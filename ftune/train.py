@@ -8,6 +8,7 @@ through hooks (extra loss terms, after-step updates), never by forking this loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ftune.checkpoint import LoopState, resume_from, save_checkpoint
+from ftune import distributed
+from ftune.checkpoint import LoopState, resume_from, rng_state, save_checkpoint
 from ftune.config import (
     DatasetConfig,
     ModelConfig,
@@ -81,6 +83,8 @@ class Run:
     batches_per_epoch: int
     target_logits: TargetLogits  # causal LM: logits only at positions with a target
     trackers: Trackers  # the `logger` group's experiment trackers (none by default)
+    world: distributed.World  # this process among the run's processes (rank 0 of 1 alone)
+    ddp: torch.nn.Module  # what the training steps call: the model, in DistributedDataParallel on several processes
 
     def epoch_batches(self, lengths: list[int], epoch: int) -> list[dict[str, list[int]]]:
         """The micro-batches of ``epoch``: packed rows or padded batches of the training split ("train"),
@@ -195,10 +199,18 @@ def setup(cfg: DictConfig) -> Run:
     trackers = build_trackers(cfg)  # each chosen tracker's library imported now: a missing one is refused here
     if trainer.packing:
         check_packing_settings(task)
-    device = resolve_device(trainer.device)
+    check_distributed(trainer, method, strategy, distributed.from_env())
+    device = distributed.device_for(resolve_device(trainer.device), distributed.from_env())
     autocast_dtype = resolve_precision(trainer.precision, device)
+    world = distributed.init(device)  # several processes: join the launcher's process group (nccl / gloo)
+    if not world.main:  # rank 0 alone writes the run directory, logs, trackers and the console
+        console.quiet = True
+        trackers = Trackers([])
     resume = cfg.get("resume")
-    out = prepare_run_dir(Path(cfg.output_dir), bool(cfg.get("overwrite")), resume is not None)
+    out = Path(cfg.output_dir)
+    if world.main:
+        out = prepare_run_dir(out, bool(cfg.get("overwrite")), resume is not None)
+    distributed.barrier()
     seed_everything(cfg.seed)
 
     with console.status(f"Loading tokenizer and data ({data_cfg.path})"):
@@ -225,7 +237,8 @@ def setup(cfg: DictConfig) -> Run:
         batches_per_epoch = len(packed_batches(lengths, pack_budget(trainer), cfg.seed, 0))
     else:
         batches_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // trainer.grad_accum)
+    # one optimizer step takes grad_accum micro-batches on each process: world_size x grad_accum of the epoch's
+    steps_per_epoch = max(1, batches_per_epoch // (trainer.grad_accum * world.world_size))
     total_steps = trainer.max_steps or max(1, math.ceil(trainer.epochs * steps_per_epoch))
     ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
     method.check(model, ctx)
@@ -236,6 +249,10 @@ def setup(cfg: DictConfig) -> Run:
         check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
     if trainer.compile:
         compile_model(model, device)
+    ddp = model
+    if world.enabled:  # gradients averaged over processes in backward; hooks and saving use the model itself
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     optimizer = build_optimizer(cfg, method, model, device, strategy)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
@@ -245,7 +262,7 @@ def setup(cfg: DictConfig) -> Run:
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, strategy, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
-               TargetLogits(model), trackers)
+               TargetLogits(model), trackers, world, ddp)
 
 
 def identity(run: Run) -> dict[str, Any]:
@@ -271,32 +288,43 @@ def train_loop(run: Run) -> dict[str, Any]:
                                  strategy=run.strategy)
     if ckpt is not None:
         console.print(f"Resuming from {ckpt} (step {loop.step} of {run.total_steps}).", markup=False, soft_wrap=True)
-    save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
+    world = run.world
+    if world.main:
+        save_config(cfg, run.out)  # after the resume checks: a refused resume leaves the run's config.yaml alone
     run.trackers.start(cfg, run.out, resumed_at=loop.step if ckpt else None)
-    log = MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None, on_row=run.trackers.log)
+    log = (MetricsLog(run.out / "metrics.jsonl", keep_until_step=loop.step if ckpt else None, on_row=run.trackers.log)
+           if world.main else NoLog(run.out / "metrics.jsonl"))
+    distributed.barrier()  # metrics.jsonl cut back to the checkpoint before any rank reads it
     # (step, metrics) of the latest evaluation during training (a resumed run's from its metrics.jsonl)
     last_eval = next(((r["step"], r) for r in reversed(read_metrics(log.path)) if best.key in r), None) if ckpt else None
     batches = run.epoch_batches(lengths, loop.epoch)
 
-    def next_batch() -> dict[str, torch.Tensor]:
+    def next_batch() -> dict[str, list[int]]:
         nonlocal batches
         if loop.position >= len(batches):
             loop.epoch, loop.position = loop.epoch + 1, 0
             batches = run.epoch_batches(lengths, loop.epoch)
         feeds = batches[loop.position]
         loop.position += 1
-        return run.collate(feeds)
+        return feeds
 
     def checkpoint() -> Path:
-        return save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
-                               run.method, identity(run), t.keep_checkpoints, best.to_save(loop), run.strategy)
+        path = run.out / "checkpoints" / f"step-{loop.step:06d}"
+        rank_rng = distributed.gather_objects(rng_state()) if world.enabled else None  # dropout differs by rank
+        if world.main:  # DDP's weights and optimizer states are the same on every rank
+            path = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
+                                   run.method, identity(run), t.keep_checkpoints, best.to_save(loop), run.strategy,
+                                   rank_rng)
+        distributed.barrier()
+        return path
 
     stop_signal: list[int] = []
+    agreed: list[int] = []  # several processes: the signal all of them saw by the last step's all_reduce
     previous = {s: signal.signal(s, lambda num, frame: stop_signal.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
     # tokens/s of a logging window counts training steps only, not evals or checkpoint saves between them
     window_tokens, window_start = 0, loop.train_seconds
     nan_in_a_row, saved_at = 0, None
-    progress = TrainProgress(run.total_steps, enabled=t.progress)
+    progress = TrainProgress(run.total_steps, enabled=t.progress and world.main)
     memory = MemoryMeter(run.device)
     if t.eval_before and ckpt is None:  # the model before any training step: the baseline of this run
         before = {k.replace("eval/", "eval_before/", 1): v for k, v in evaluate(run, score=True).items()}
@@ -308,26 +336,40 @@ def train_loop(run: Run) -> dict[str, Any]:
         while loop.step < run.total_steps and not best.should_stop(loop):
             step_start = time.perf_counter()
             strategy_before = run.strategy.state_dict()  # a skipped (NaN) step must not count in its sums
-            micro = [next_batch() for _ in range(t.grad_accum)]
+            # the step's world_size x grad_accum micro-batches, the same on every process: rank r takes its share
+            indices = [next_batch() for _ in range(t.grad_accum * world.world_size)]
+            micro = [run.collate(feeds) for feeds in indices[world.rank * t.grad_accum:(world.rank + 1) * t.grad_accum]]
             n_targets = sum(task_loss_targets(b["labels"], run.data.task) for b in micro)
+            if world.enabled:  # the targets of all processes; DDP averages gradients, so each rank's loss x world
+                n_targets = distributed.all_sum([n_targets], run.device)[0] / world.world_size
             step_loss = torch.zeros((), device=run.device)
-            for batch in micro:
+            step_tokens = 0
+            for i, batch in enumerate(micro):
                 batch = to_device(batch, run.device)
-                with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-                    outputs, loss_sum, _ = run.target_logits.forward(model, batch, run.data.task)
-                    # loss_sum / n_targets, unless the strategy reweights it or adds its terms (distillation)
-                    loss = run.strategy.loss(model, batch, outputs, loss_sum, n_targets, loop.step)
-                    extra = run.method.extra_loss(model, batch, outputs, loop.step)
-                    if extra is not None:
-                        loss = loss + extra / t.grad_accum
-                memory.sample()  # activations are alive here: the high-water mark of a step
-                del outputs  # the logits: backward does not need them
-                (run.scaler.scale(loss) if run.scaler else loss).backward()
+                # gradients are averaged over processes once per step, in the last micro-batch's backward
+                sync = run.ddp.no_sync() if world.enabled and i < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(run.device.type, dtype=run.autocast_dtype,
+                                        enabled=run.autocast_dtype is not None):
+                        outputs, loss_sum, _ = run.target_logits.forward(run.ddp, batch, run.data.task)
+                        # loss_sum / n_targets, unless the strategy reweights it or adds its terms (distillation)
+                        loss = run.strategy.loss(model, batch, outputs, loss_sum, n_targets, loop.step)
+                        extra = run.method.extra_loss(model, batch, outputs, loop.step)
+                        if extra is not None:
+                            loss = loss + extra / t.grad_accum
+                    memory.sample()  # activations are alive here: the high-water mark of a step
+                    del outputs  # the logits: backward does not need them
+                    (run.scaler.scale(loss) if run.scaler else loss).backward()
                 step_loss += loss.detach()
-                tokens = real_tokens(batch)
-                loop.tokens += tokens
-                window_tokens += tokens
+                step_tokens += real_tokens(batch)
             value = float(step_loss)
+            if world.enabled:  # the step's loss and tokens over all processes, and whether any got a signal
+                value, step_tokens, signalled = distributed.all_sum([value, step_tokens, len(stop_signal)], run.device)
+                value, step_tokens = value / world.world_size, int(step_tokens)
+                # every rank stops after this same step (a signal that lands later waits for the next step)
+                agreed = [stop_signal[0] if stop_signal else int(signal.SIGTERM)] if signalled else []
+            loop.tokens += step_tokens
+            window_tokens += step_tokens
             bad = None if math.isfinite(value) else f"The loss became {value}"
             if bad is None:
                 if run.scaler:
@@ -392,10 +434,11 @@ def train_loop(run: Run) -> dict[str, Any]:
             if t.save_every and (loop.step % t.save_every == 0 or loop.step == run.total_steps or best.should_stop(loop)):
                 # the last one too, before the final eval: a finished run can be extended with more steps
                 saved_at = checkpoint()
-            if stop_signal:
+            stopping = agreed if world.enabled else stop_signal
+            if stopping:
                 path = saved_at if saved_at is not None and saved_at.name == f"step-{loop.step:06d}" else checkpoint()
                 raise TrainingInterrupted(
-                    f"Interrupted by signal {stop_signal[0]} at step {loop.step}; a checkpoint was saved to {path}. "
+                    f"Interrupted by signal {stopping[0]} at step {loop.step}; a checkpoint was saved to {path}. "
                     f"Continue with the same command plus resume=auto."
                 )
     finally:
@@ -481,8 +524,10 @@ def evaluate(run: Run, score: bool = False) -> dict[str, float]:
     """Loss (and accuracy) on the eval split; with ``score``, also ``trainer.eval_scorer`` on greedy answers."""
     t = run.trainer
     batch_size = t.eval_batch_size or t.batch_size * 2
-    metrics = evaluate_examples(run.model, run.data.eval, run.eval_collator, run.data.task, run.device,
-                                batch_size, run.autocast_dtype, run.target_logits)
+    w = run.world  # several processes: each scores its shard, the sums are added up over processes
+    metrics = evaluate_examples(run.model, run.data.eval[w.rank::w.world_size], run.eval_collator, run.data.task,
+                                run.device, batch_size, run.autocast_dtype, run.target_logits,
+                                reduce=(lambda v: distributed.all_sum(v, run.device)) if w.enabled else None)
     if score and t.eval_scorer:
         was_training = run.model.training
         scores, _ = score_examples(run.model, run.tokenizer, run.data.eval, t.eval_scorer, t.eval_max_new_tokens,
@@ -511,6 +556,32 @@ def check_scoring(t: TrainerConfig, task: str, has_eval: bool) -> None:
     if (t.eval_scorer or t.eval_before) and not has_eval:
         raise FtuneError("trainer.eval_scorer and trainer.eval_before evaluate on the eval split, and this dataset "
                          "has none: set dataset.eval_path=<file> or dataset.eval_fraction=0.05.")
+
+
+class NoLog:
+    """The metrics log of a process other than rank 0: rank 0 alone writes metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+
+def check_distributed(t: TrainerConfig, method: Method, strategy: Strategy, world: distributed.World) -> None:
+    """What several processes cannot train (yet), refused with the reason before any process group exists."""
+    if t.distributed != "ddp":
+        raise FtuneError(f"Unknown trainer.distributed={t.distributed}; ftune trains several processes with "
+                         f"trainer.distributed=ddp (DistributedDataParallel), the default.")
+    if not world.enabled and t.num_processes == 1:
+        return
+    if strategy.name != "none":
+        raise FtuneError(f"strategy={strategy.name} runs on one process only for now: its own models, modules and loss sums "
+                         f"are not shared between processes. Use trainer.num_processes=1.")
+    if getattr(method.settings, "schedule", "none") == "gradual":
+        raise FtuneError("method.schedule=gradual unfreezes blocks during training, and DistributedDataParallel "
+                         "only synchronises the parameters that train from the start, so the processes' weights "
+                         "would drift apart. Use trainer.num_processes=1 or method.schedule=none.")
 
 
 class MemoryMeter:
@@ -543,6 +614,12 @@ def current_rss_mb() -> float:
 
 def finish(run: Run, metrics: dict[str, Any]) -> None:
     """Write the trained weights, tokenizer, metrics, plot and model card to the run directory (and trackers)."""
+    if run.world.main:
+        write_outputs(run, metrics)
+    distributed.barrier()
+
+
+def write_outputs(run: Run, metrics: dict[str, Any]) -> None:
     run.method.save(run.model, run.out / "adapter")
     run.strategy.save(run.model, run.out)  # distill with student_layers: the student's base weights (student/)
     run.tokenizer.save_pretrained(str(run.out / "tokenizer"))
@@ -570,14 +647,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         console.print(f"stage {stage.name}: training in {stage.cfg.output_dir}", markup=False)
         train(stage.cfg)
         stage.finish()
-    run = setup(cfg)
-    print_header(run, trainable_parameters(run.model))
     try:
-        metrics = train_loop(run)
-        finish(run, metrics)
-    except BaseException as e:  # the tracked run ends too, marked as it ended
-        run.trackers.finish("killed" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "failed")
-        raise
-    run.trackers.finish("success")
+        run = setup(cfg)
+        print_header(run, trainable_parameters(run.model))
+        try:
+            metrics = train_loop(run)
+            finish(run, metrics)
+        except BaseException as e:  # the tracked run ends too, marked as it ended
+            run.trackers.finish("killed" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "failed")
+            raise
+        run.trackers.finish("success")
+    finally:
+        distributed.shutdown()  # several processes: leave the process group (also after an error)
     return metrics
 

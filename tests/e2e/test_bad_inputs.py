@@ -204,6 +204,12 @@ CASES = [
         "method=full", "optimizer=sgd", "optimizer.lr=1e30", "trainer.skip_nan_batches=true", "trainer.max_steps=40",
         f"output_dir={d / 'out'}"), ["step 2", "25 batches", "diverged", "lower optimizer.lr"], code=1, trains=True),
     # strategies
+    Case("gradual-unfreezing-on-two-processes", lambda d, r: train(
+        "method=lora", "method.schedule=gradual", "trainer.num_processes=2", f"output_dir={d / 'out'}"),
+         ["method.schedule=gradual", "DistributedDataParallel", "trainer.num_processes=1", "method.schedule=none"]),
+    Case("unknown-distributed-strategy", lambda d, r: train("trainer.distributed=dpp", "trainer.num_processes=2",
+                                                            f"output_dir={d / 'out'}"),
+         ["unknown trainer.distributed=dpp", "trainer.distributed=ddp"]),
     Case("unknown-strategy", train("strategy=distil"), ["unknown strategy 'distil'", "distill", "none"]),
     Case("distill-teacher-with-another-vocabulary", lambda d, r: train(
         "strategy=distill", "strategy.teacher=tiny_bert", f"output_dir={d / 'out'}"),

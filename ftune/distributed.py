@@ -1,0 +1,202 @@
+"""Several processes, one loop: torch.distributed set up from the launcher's environment.
+
+``ftune train trainer.num_processes=N`` starts N copies of itself through torch's own launcher
+(``torch.distributed.run``, what ``torchrun`` is); ``torchrun``, ``accelerate launch`` and SLURM's
+``srun`` start them the same way from outside. Each process reads who it is from the environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT; or SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
+under srun), joins the process group (nccl on CUDA, gloo on CPU) and runs ftune/train.py's loop with
+the model wrapped in DistributedDataParallel. A rank that fails writes its one-paragraph error to
+``$FTUNE_ERROR_DIR/rank-<r>.txt``; the launcher started by ``trainer.num_processes`` prints it last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftune.errors import FtuneError
+
+ERROR_DIR = "FTUNE_ERROR_DIR"  # where each failing rank writes its error paragraph (set by launch())
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(environ: dict[str, str] | None = None) -> World:
+    """The world the launcher describes: torchrun / accelerate variables, else SLURM's, else one process."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")))
+    return World()
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher (torchrun, accelerate, srun with MASTER_ADDR)."""
+    return from_env().enabled
+
+
+_WORLD = World()
+
+
+def world() -> World:
+    return _WORLD
+
+
+def init(device: torch.device) -> World:
+    """Join the process group of the launcher's world (no-op for one process); the device is this rank's."""
+    global _WORLD
+    w = from_env()
+    if not w.enabled:
+        _WORLD = w
+        return w
+    if not torch.distributed.is_available():
+        raise FtuneError("This torch build has no torch.distributed, so ftune cannot run on several processes; "
+                         "use trainer.num_processes=1 or install a standard torch wheel.")
+    for key, value in (("RANK", w.rank), ("WORLD_SIZE", w.world_size), ("LOCAL_RANK", w.local_rank)):
+        os.environ.setdefault(key, str(value))  # srun: the SLURM variables, in the names torch reads
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise FtuneError("Running on several processes needs MASTER_ADDR and MASTER_PORT (the rendezvous address); "
+                         "start ftune through trainer.num_processes=N, torchrun, accelerate launch, or under srun "
+                         "with MASTER_ADDR and MASTER_PORT exported (see the README's 'Many GPUs, many machines').")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        torch.distributed.init_process_group(**kwargs)
+    _WORLD = w
+    return w
+
+
+def device_for(device: torch.device, w: World) -> torch.device:
+    """On CUDA with several processes each rank takes the GPU of its local rank."""
+    if w.enabled and device.type == "cuda" and device.index is None:
+        torch.cuda.set_device(w.local_rank)
+        return torch.device("cuda", w.local_rank)
+    return device
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if _WORLD.enabled:
+        torch.distributed.barrier()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """The element-wise sum of ``values`` over all ranks (the values themselves for one process)."""
+    if not _WORLD.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective: every rank calls it)."""
+    if not _WORLD.enabled:
+        return [obj]
+    out: list[Any] = [None] * _WORLD.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def write_error(message: str, secondary: bool = False) -> bool:
+    """A failing rank's paragraph, for the launcher started by trainer.num_processes to print last.
+
+    False when this process was not started by it (the rank prints the paragraph itself). ``secondary``:
+    the process only lost its peers; another rank's own error is shown when there is one."""
+    folder = os.environ.get(ERROR_DIR)
+    if not folder or not from_env().enabled:
+        return False
+    try:
+        Path(folder, f"rank-{from_env().rank}{'.lost' if secondary else ''}.txt").write_text(message)
+    except OSError:
+        return False
+    return True
+
+
+def check_launch(n: int, device_name: str) -> None:
+    """trainer.num_processes must fit the machine: at most one process per GPU on CUDA."""
+    if n > 1 and (device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())):
+        gpus = torch.cuda.device_count()
+        if n > gpus:
+            raise FtuneError(f"trainer.num_processes={n} but this machine has {gpus} CUDA GPU(s); one process drives "
+                             f"one GPU, so use trainer.num_processes={gpus} (or trainer.device=cpu for CPU processes).")
+
+
+def launch(n: int, overrides: list[str], device_name: str) -> tuple[int, str | None]:
+    """Start ``n`` processes of ``ftune train <overrides>`` through torch.distributed.run's launcher.
+
+    Returns (exit code, the error paragraph of the first failing rank or None).
+    """
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check_launch(n, device_name)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # ftune prints the failing rank's paragraph itself
+    with tempfile.TemporaryDirectory(prefix="ftune-ranks-") as errors:
+        os.environ[ERROR_DIR] = errors
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it: n processes share the cores
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id="ftune", rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                              start_method="spawn")
+        code, codes = 0, {}
+        try:
+            elastic_launch(config, sys.executable)("-m", "ftune.cli", "train", *overrides)
+        except ChildFailedError as e:
+            codes = {rank: f.exitcode for rank, f in e.failures.items()}
+            code = next((c for c in codes.values() if c > 0), 1)
+        except SignalException as e:  # the launcher itself got SIGTERM/SIGINT: its processes were sent it too
+            code = 128 + int(e.sigval)
+        finally:
+            os.environ.pop(ERROR_DIR, None)
+        # the first rank to fail names the cause (the others may only have lost their peers)
+        found = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: (p.name.endswith(".lost.txt"),
+                                                                           p.stat().st_mtime_ns))
+        # a rank killed by a signal; the launcher ends the others with SIGTERM, so another signal names the cause
+        signalled = sorted(((c == -15, r, -c) for r, c in codes.items() if c < 0))
+        killed = signalled[0][1:] if signalled else None
+        if code and killed and not (found and not found[0].name.endswith(".lost.txt")):
+            import signal
+
+            rank, sig = killed
+            return 128 + sig, (f"Training process {rank} was killed by signal {sig} ({signal.Signals(sig).name}), "
+                               f"so the other processes were stopped too. With trainer.save_every set, the same "
+                               f"command plus resume=auto continues from the last checkpoint.")
+        if code and found:
+            rank = int(found[0].name.split("-")[1].split(".")[0])
+            return (codes.get(rank) if (codes.get(rank) or 0) > 0 else code), found[0].read_text()
+        return code, None

@@ -1,0 +1,184 @@
+"""Several processes (DDP on CPU, gloo): real `ftune train` runs with trainer.num_processes=2 and torchrun.
+
+A 2-process run with trainer.batch_size=B must train on the same examples per optimizer step as a
+1-process run with batch_size=B and grad_accum=2, so its loss curve, evaluations and final weights
+match that run's (within 1e-5). Each 2-process run costs 10-20 s of CPU here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FTUNE, compose_train
+
+TOL = 1e-5
+BASE = ["train", "model=tiny_llama", "method=lora", "method.dropout=0", "dataset=demo_instructions",
+        "dataset.prompt_template=plain", "dataset.max_samples=18", "dataset.eval_fraction=0.15",
+        "trainer.batch_size=2", "trainer.max_length=64", "trainer.log_every=1", "trainer.progress=false",
+        "trainer.max_steps=6", "trainer.eval_every=3", "seed=7"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def ftune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FTUNE), *args], env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "ftune", *args], env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted((out / "adapter").glob("*.safetensors")):
+        tensors.update({f"{file.name}:{k}": v for k, v in load_file(str(file)).items()})
+    return tensors
+
+
+def assert_same_run(a: Path, b: Path, after_step: int = 0) -> None:
+    """Same logged losses, learning rates and eval losses (steps after ``after_step``), same final weights."""
+    ra, rb = rows(a), rows(b)
+    assert [(r["step"], sorted(r)) for r in ra] == [(r["step"], sorted(r)) for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        if x["step"] > after_step:
+            for key in ("loss", "lr", "eval/loss"):
+                if key in x:
+                    assert abs(x[key] - y[key]) < TOL, (key, x, y)
+    wa, wb = weights(a), weights(b)
+    assert wa and set(wa) == set(wb)
+    diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+    assert diff < TOL, diff
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert abs(ma["eval/loss"] - mb["eval/loss"]) < TOL
+
+
+def test_two_processes_train_like_one_with_accumulation(tmp_path):
+    """trainer.num_processes=2, batch 2 == one process, batch 2 x grad_accum 2: losses, evals, weights; the
+    adapter is whole and loads with peft; rank 0 alone wrote the run directory."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    started = time.monotonic()
+    r2 = ftune(*BASE, "trainer.num_processes=2", f"output_dir={two}")
+    t2 = time.monotonic() - started
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert "× 2 processes (ddp)" in r2.stdout
+    assert r2.stdout.count("ftune train  model") == 1  # one header, one metrics table: rank 0 prints
+    started = time.monotonic()
+    r1 = ftune(*BASE, "trainer.grad_accum=2", f"output_dir={one}")
+    t1 = time.monotonic() - started
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    print(f"2 processes {t2:.1f} s, 1 process x grad_accum 2 {t1:.1f} s")
+    assert_same_run(two, one)
+    steps = [r["step"] for r in rows(two) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once (not once per rank)
+    assert any("eval/loss" in r and r["step"] == 3 for r in rows(two))  # the sharded evaluation during training
+
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from ftune.config import validate_group
+    from ftune.models import build_model
+
+    base = build_model(validate_group(compose_train(["model=tiny_llama"]), "model"), "causal_lm")
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, str(two / "adapter")))
+    saved = {k.split(":", 1)[1]: v for k, v in weights(one).items()}
+    assert set(loaded) == set(saved) and saved
+    for name, value in loaded.items():  # whole tensors, equal to the one-process run's
+        assert value.shape == saved[name].shape
+        assert float((value - saved[name]).abs().max()) < TOL
+
+
+def test_bad_input_on_one_rank_ends_both_with_the_message(tmp_path):
+    """Rank 1 reads a data file that does not exist: both processes end (no hang), exit 2, the paragraph last."""
+    data = tmp_path / "data0.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "input": "", "output": f"{i}"}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "bad"
+    r = ftune(*BASE, "trainer.num_processes=2", f"dataset.path={tmp_path}/data${{oc.env:RANK,0}}.jsonl",
+              f"output_dir={out}", timeout=180)
+    text = (r.stdout + r.stderr).strip()
+    assert r.returncode == 2, text
+    last = text.splitlines()[-1]
+    assert last.startswith("error: Data file") and "data1.jsonl" in last and "does not exist" in last, text
+    assert "Traceback" not in text and "ChildFailedError" not in text
+    assert not out.exists() or not any(p.name != ".hydra" for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_under_torchrun_equals_one_process(tmp_path):
+    """Started by torchrun (`-m ftune`), full fine-tuning: the same run as one process with grad_accum=2."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = [a for a in BASE if not a.startswith("method")] + ["method=full", "optimizer.lr=1e-4"]
+    r2 = torchrun(*args, f"output_dir={two}")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    r1 = ftune(*args, "trainer.grad_accum=2", f"output_dir={one}")
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    assert_same_run(two, one)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def interrupted(args: list[str], out: Path, kill_rank: bool) -> tuple[int, str]:
+    """Start 2 processes; once a checkpoint exists and step 3 was logged, SIGKILL one rank (or SIGTERM the
+    launcher). Returns (exit code, output)."""
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([str(FTUNE), *args, "trainer.num_processes=2", f"output_dir={out}"], env=env(),
+                                stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = [r for r in rows(out) if "loss" in r] if (out / "metrics.jsonl").exists() else []
+            if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")) and done \
+                    and done[-1]["step"] >= 3:
+                if kill_rank:
+                    os.kill(children(proc.pid)[-1], signal.SIGKILL)
+                else:
+                    proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=120)
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_on_two_and_on_one_process(tmp_path):
+    """SIGKILL a rank (or SIGTERM the launcher) mid-run; resume=auto on 2 processes, and on 1 process with
+    grad_accum=2: the same losses and final weights as the uninterrupted run."""
+    args = [*BASE, "trainer.max_steps=8", "trainer.save_every=2"]
+    ref = tmp_path / "ref"
+    assert ftune(*args, "trainer.grad_accum=2", f"output_dir={ref}").returncode == 0
+    for name, kill_rank, resume_on in (("killed2", True, 2), ("killed1", True, 1), ("term2", False, 2)):
+        out = tmp_path / name
+        code, text = interrupted(args, out, kill_rank)
+        assert code != 0, text
+        last = text.strip().splitlines()[-1]
+        if kill_rank:
+            assert "killed by signal 9 (SIGKILL)" in last and "resume=auto" in last, text
+        else:
+            assert "Interrupted by signal 15" in last and "resume=auto" in last, text
+        more = ["trainer.num_processes=2"] if resume_on == 2 else ["trainer.grad_accum=2"]
+        r = ftune(*args, *more, f"output_dir={out}", "resume=auto")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Resuming from" in r.stdout
+        assert_same_run(out, ref)
