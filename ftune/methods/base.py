@@ -36,6 +36,7 @@ from torch import nn
 
 from ftune.config import POSITIVE, ranged
 from ftune.errors import FtuneError, MethodNotApplicable
+from ftune.registry import registrar
 
 
 @dataclass
@@ -144,17 +145,7 @@ class Method:
 METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(*names: str):
-    """Class decorator: register a Method subclass under one or more method names."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        for name in names:
-            if name in METHODS:
-                raise ValueError(f"method name {name!r} registered twice")
-            METHODS[name] = cls
-        return cls
-
-    return wrap
+register_method = registrar(METHODS, "method")  # @register_method("name"): a Method subclass under one or more names
 
 
 def method_yaml_defaults(name: str) -> dict[str, Any]:

@@ -73,6 +73,7 @@ from torch import nn
 
 from ftune.config import ModelConfig
 from ftune.errors import FtuneError
+from ftune.registry import registrar
 
 
 @dataclass
@@ -206,17 +207,7 @@ class Strategy:
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
-def register_strategy(*names: str):
-    """Class decorator: register a Strategy subclass under one or more names."""
-
-    def wrap(cls: type[Strategy]) -> type[Strategy]:
-        for name in names:
-            if name in STRATEGIES:
-                raise ValueError(f"strategy name {name!r} registered twice")
-            STRATEGIES[name] = cls
-        return cls
-
-    return wrap
+register_strategy = registrar(STRATEGIES, "strategy")  # @register_strategy("name"): a Strategy subclass under one or more names
 
 
 register_strategy("none")(Strategy)
