@@ -121,6 +121,7 @@ def compiled_vs_eager(make_cfg) -> tuple[dict, dict]:
     return eager, compiled
 
 
+@pytest.mark.slow  # compiling takes about half a minute on 2 cores; trainer.compile is off by default
 def test_compile_trains_to_the_same_loss(make_cfg, monkeypatch):
     """trainer.compile compiles the model in place through torch.compile (dynamo's graph capture); the
     eager backend stands in for inductor, whose C++ compilation takes minutes on a small CPU (the slow
