@@ -36,7 +36,7 @@ from torch import nn
 
 from ftune.config import POSITIVE, ranged
 from ftune.errors import FtuneError, MethodNotApplicable
-from ftune.registry import registrar
+from ftune.registry import registrar, settings_from
 
 
 @dataclass
@@ -164,7 +164,6 @@ def build_method(method_cfg: Any) -> Method:
     Settings the config leaves out take the values of the method's YAML, as ``method=<name>`` would.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     import ftune.methods  # noqa: F401  (registers every method family)
 
@@ -182,17 +181,7 @@ def build_method(method_cfg: Any) -> Method:
     stray = [k for k in SCHEDULE_KEYS if k in raw and k not in fields]
     if stray:
         raise unsupported(name, stray[0])
-    try:
-        schema = OmegaConf.structured(cls.settings_cls)
-        merged = OmegaConf.merge(schema, method_yaml_defaults(name), raw)
-        settings = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        known = ", ".join(f.name for f in dataclasses.fields(cls.settings_cls))
-        raise FtuneError(
-            f"Invalid setting for method '{name}': {e.msg if hasattr(e, 'msg') else e}. "
-            f"The settings this method accepts are: {known}."
-        ) from None
-    return cls(settings)
+    return cls(settings_from(cls.settings_cls, method_yaml_defaults(name), raw, "method", name))
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -62,7 +62,6 @@ refused before anything loads; word choices are checked by ``check``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,7 @@ from torch import nn
 
 from ftune.config import ModelConfig
 from ftune.errors import FtuneError
-from ftune.registry import registrar
+from ftune.registry import registrar, settings_from
 
 
 @dataclass
@@ -229,7 +228,6 @@ def build_strategy(strategy_cfg: Any) -> Strategy:
     Settings the config leaves out take the values of the strategy's YAML, as ``strategy=<name>`` would.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     import ftune.strategies  # noqa: F401  (registers every strategy)
 
@@ -245,17 +243,7 @@ def build_strategy(strategy_cfg: Any) -> Strategy:
             f"(for example `ftune train strategy=distill strategy.teacher=runs/teacher`)."
         )
     cls = STRATEGIES[name]
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls.settings_cls), strategy_yaml_defaults(name), raw)
-        settings = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        known = ", ".join(f.name for f in dataclasses.fields(cls.settings_cls))
-        raise FtuneError(
-            f"Invalid setting for strategy '{name}': {e.msg if hasattr(e, 'msg') else e}. "
-            f"The settings this strategy accepts are: {known}."
-        ) from None
-    strategy = cls(settings)
-    return strategy
+    return cls(settings_from(cls.settings_cls, strategy_yaml_defaults(name), raw, "strategy", name))
 
 
 __all__ = ["STRATEGIES", "Stage", "Strategy", "StrategyContext", "StrategySettings", "build_strategy",
