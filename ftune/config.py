@@ -214,6 +214,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model's forward (in place)
     group_by_length: bool = True
     packing: bool = False  # causal LM: join examples into one row per micro-batch, no padding
+    chunked_loss: bool = True  # causal LM: the loss from the output layer in chunks, never all logits at once
     pack_tokens: Optional[int] = ranged(None, AT_LEAST_1, "for batch_size x max_length")  # tokens per packed row
     num_workers: int = ranged(0, NOT_NEGATIVE)
     save_every: Optional[int] = ranged(None, AT_LEAST_1, "for no checkpoints")

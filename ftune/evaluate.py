@@ -51,6 +51,68 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
     return loss, int((targets != IGNORE).sum())
 
 
+# Models whose logits are exactly ``lm_head(hidden)``: no soft-capping (Gemma 2), scaling (Cohere,
+# Granite) or other step after the output layer, so the chunked loss below may stand in for it.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo2", "smollm3", "gpt_neox"})
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never holding more
+    than ``chunk`` rows of logits.
+
+    The usual way keeps a ``(targets, vocab)`` tensor of logits, its log-softmax (saved for backward)
+    and, in backward, gradients of the same size: for a 49k vocabulary and a thousand targets, about
+    200 MB each. Here each chunk of rows is projected, scored and turned into its gradient
+    (``softmax - onehot``) at once, in forward; only the gradients of the inputs (``hidden``'s size, and
+    the head's when it trains) are kept, and backward scales them by the incoming gradient. Same FLOPs
+    as the plain loss, none recomputed (the approach of Liger-Kernel's fused linear cross-entropy).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: D102 (see the class)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w_mm = None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            raw = F.linear(h, weight, bias)  # the dtype the output layer would compute in (autocast: bf16/fp16)
+            logits = raw.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(y), device=y.device), y] -= 1.0
+            if need_h:
+                if w_mm is None:
+                    w_mm = weight.to(raw.dtype)
+                grad_h[start:start + chunk] = (grad.to(raw.dtype) @ w_mm).to(hidden.dtype)
+            if need_w:
+                grad_w += grad.T @ h.float()
+            if need_b:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: D102
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk of :class:`ChunkedCrossEntropy`: about 16M logits (64 MB in fp32)."""
+    return max(64, (1 << 24) // max(vocab, 1))
+
+
 class TargetLogits:
     """A causal LM's output layer computes logits only at the positions that have a target.
 
@@ -60,13 +122,24 @@ class TargetLogits:
     step. A forward pre-hook on the output layer keeps only the hidden states of scored positions,
     so ``outputs.logits`` is ``(1, targets, vocab)`` in target order; :meth:`loss` scores it.
     Outside :meth:`targets` (generation, merge checks) the hook passes everything through.
+
+    ``chunked`` (``trainer.chunked_loss``, for runs whose strategy does not read the logits): the
+    output layer projects nothing (``outputs.logits`` is ``(1, 0, vocab)``) and the loss comes from
+    :class:`ChunkedCrossEntropy` on the kept hidden states, never holding the whole logits tensor.
+    It applies to a plain ``nn.Linear`` head (not one a method wraps, e.g. LoRA on ``lm_head``, nor
+    an FSDP-sharded one) of a model in :data:`PLAIN_HEAD_MODELS`; otherwise the plain path runs.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, chunked: bool = False):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.active = isinstance(head, nn.Module)
+        self.head = head if self.active else None
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.chunked = bool(chunked and self.active and type(head) is nn.Linear and model_type in PLAIN_HEAD_MODELS)
+        self._fuse = False
         self._labels: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
         self._handle = head.register_forward_pre_hook(self._select) if self.active else None
 
     def remove(self) -> None:
@@ -82,21 +155,31 @@ class TargetLogits:
         targets = F.pad(labels[:, 1:], (virtual, 1), value=IGNORE)  # position t is scored against label t+1
         keep = targets != IGNORE
         self._targets = targets[keep]
-        return (hidden[keep].unsqueeze(0), *args[1:])
+        kept = hidden[keep]
+        if self._fuse:  # scored in forward() in chunks; the layer itself projects no row
+            self._hidden = kept
+            return (kept[:0].unsqueeze(0), *args[1:])
+        return (kept.unsqueeze(0), *args[1:])
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[Any, torch.Tensor, int]:
         """(model outputs, summed task loss, targets) for ``batch``; see :func:`task_loss`."""
         if task != "causal_lm" or not self.active:
             outputs = model(**model_inputs(batch))
             return outputs, *task_loss(outputs.logits, batch["labels"], task)
-        self._labels, self._targets = batch["labels"], None
+        self._labels, self._targets, self._hidden = batch["labels"], None, None
+        # a sharded (FSDP) head is whole only inside the model's forward: the plain path then
+        self._fuse = self.chunked and type(self.head.weight) is nn.Parameter
         try:
             outputs = model(**model_inputs(batch))
         finally:
             self._labels = None
-        targets, self._targets = self._targets, None
+        targets, hidden, self._targets, self._hidden = self._targets, self._hidden, None, None
         if targets is None:  # the model never called its output layer as a module: score every position
             return outputs, *task_loss(outputs.logits, batch["labels"], task)
+        if hidden is not None:
+            head = self.head
+            loss = ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows(head.out_features))
+            return outputs, loss, int(targets.numel())
         logits = outputs.logits[0]
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         return outputs, loss, int(targets.numel())

@@ -262,7 +262,7 @@ def setup(cfg: DictConfig) -> Run:
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, strategy, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
-               TargetLogits(model), trackers, world, ddp)
+               TargetLogits(model, chunked=trainer.chunked_loss and not strategy.needs_logits), trackers, world, ddp)
 
 
 def identity(run: Run) -> dict[str, Any]:

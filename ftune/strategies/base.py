@@ -112,6 +112,9 @@ class Strategy:
     """Base class of every strategy, and ``strategy=none``: plain training on the task loss."""
 
     settings_cls: ClassVar[type[StrategySettings]] = StrategySettings
+    # loss() reads the model's logits (distillation compares them with the teacher's); otherwise a
+    # causal LM's task loss may be computed in chunks without them (trainer.chunked_loss)
+    needs_logits: ClassVar[bool] = False
 
     def __init__(self, settings: StrategySettings):
         self.settings = settings

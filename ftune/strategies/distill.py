@@ -271,6 +271,7 @@ def params(model: nn.Module) -> int:
 @register_strategy("distill")
 class Distill(Strategy):
     settings_cls = DistillSettings
+    needs_logits = True
 
     def __init__(self, settings: DistillSettings):
         super().__init__(settings)

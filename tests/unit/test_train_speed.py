@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ftune.data.collate import Collator
 from ftune.errors import FtuneError
-from ftune.evaluate import model_inputs, task_loss
+from ftune.evaluate import ChunkedCrossEntropy, model_inputs, task_loss
 from ftune.packing import PackingCollator
 from ftune.train import build_optimizer, setup, train
 
@@ -42,15 +42,43 @@ def lora_run(make_cfg, *overrides):
     return setup(make_cfg("model=tiny_llama", "dataset=demo_instructions", "method=lora", *overrides))
 
 
-@pytest.mark.parametrize("model,method,packed", [
-    ("tiny_llama", "lora", False), ("tiny_qwen", "full", False), ("tiny_gpt2", "lora", False),
-    ("tiny_llama", "prompt_tuning", False), ("tiny_llama", "lora", True),
+@pytest.mark.parametrize("bias,chunk", [(False, 4), (True, 3), (True, 100)])
+def test_chunked_cross_entropy_equals_the_loss_of_the_whole_logits(bias, chunk):
+    """Projected and scored a few rows at a time: the same summed loss, and the same gradients for
+    the hidden states, the weight and the bias (all three trainable), as cross-entropy of F.linear."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(17, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(17, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, 17, (10,), generator=g)
+    ins = [t.clone().requires_grad_() for t in (hidden, weight, *([b] if bias else []))]
+    ref_ins = [t.clone().requires_grad_() for t in (hidden, weight, *([b] if bias else []))]
+    loss = ChunkedCrossEntropy.apply(ins[0], ins[1], ins[2] if bias else None, targets, chunk)
+    ref = F.cross_entropy(F.linear(*ref_ins).float(), targets, reduction="sum")
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    (2.5 * loss).backward()  # the incoming gradient scales every input's gradient
+    (2.5 * ref).backward()
+    for a, r in zip(ins, ref_ins, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, nothing kept for backward
+        torch.testing.assert_close(ChunkedCrossEntropy.apply(hidden, weight, b, targets, chunk), ref.float().detach(),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model,method,packed,chunked", [
+    ("tiny_llama", "lora", False, False), ("tiny_qwen", "full", False, False), ("tiny_gpt2", "lora", False, False),
+    ("tiny_llama", "prompt_tuning", False, False), ("tiny_llama", "lora", True, False),
+    ("tiny_llama", "lora", False, True), ("tiny_qwen", "full", False, True), ("tiny_gpt2", "lora", False, True),
+    ("tiny_llama", "prompt_tuning", False, True), ("tiny_llama", "lora", True, True),
 ])
-def test_logits_at_target_positions_give_the_full_losses_and_gradients(make_cfg, model, method, packed):
-    """The output layer sees only the positions that have a target; the loss and every trainable
-    gradient equal those of full logits scored by task_loss (prompt masking, padding, virtual tokens
-    of prompt tuning, a packed row)."""
-    run = setup(make_cfg(f"model={model}", "dataset=demo_instructions", f"method={method}"))
+def test_logits_at_target_positions_give_the_full_losses_and_gradients(make_cfg, model, method, packed, chunked):
+    """The output layer sees only the positions that have a target (or, with trainer.chunked_loss,
+    none: the loss is scored in chunks from their hidden states); the loss and every trainable
+    gradient (the tied head's too, in full fine-tuning) equal those of full logits scored by task_loss
+    (prompt masking, padding, virtual tokens of prompt tuning, a packed row)."""
+    run = setup(make_cfg(f"model={model}", "dataset=demo_instructions", f"method={method}",
+                         f"trainer.chunked_loss={str(chunked).lower()}"))
+    assert run.target_logits.chunked is chunked
     examples = run.data.train[:5]
     batch = (PackingCollator(False) if packed else Collator(run.tokenizer.pad_token_id, "causal_lm"))(examples)
     assert (batch["labels"][:, 1:] == -100).float().mean() > 0.3  # masked prompts (and padding) to skip
@@ -61,7 +89,7 @@ def test_logits_at_target_positions_give_the_full_losses_and_gradients(make_cfg,
             p.grad = None
         if selected:
             outputs, loss, n = run.target_logits.forward(run.model, batch, "causal_lm")
-            assert outputs.logits.shape[:2] == (1, n)  # only the scored positions were projected
+            assert outputs.logits.shape[:2] == (1, 0 if chunked else n)  # only the scored positions were projected
         else:
             loss, n = task_loss(run.model(**model_inputs(batch)).logits, batch["labels"], "causal_lm")
         loss.backward()
