@@ -244,7 +244,8 @@ def check_compatible(ckpt: Checkpoint, model, optimizer, identity: dict[str, Any
     if mismatched:
         raise CheckpointMismatch(
             f"Checkpoint '{ckpt.path}' belongs to a different run ({'; '.join(mismatched)}), so it was not used. "
-            f"Resume with the same model, method, method settings and packing as the run that wrote it, or start a new "
+            f"Resume with the same model, method, method settings, strategy settings and packing as the run that "
+            f"wrote it, or start a new "
             f"output_dir (or pass overwrite=true without resume to start over)."
         )
 

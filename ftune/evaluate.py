@@ -186,12 +186,13 @@ class TargetLogits:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The batch without labels (and without a strategy's other feeds): the trainer computes the loss itself.
+    """The batch without labels (nor a strategy's other feeds, nor the example indices): the trainer computes
+    the loss itself.
 
     A packed row (position ids, no attention mask) also gets ``use_cache=False``: with a cache,
     transformers builds a causal mask over the whole row and its examples would see each other.
     """
-    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in ("labels", "feeds")}
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k not in ("labels", "feeds", "example_ids")}
     if "position_ids" in batch and "attention_mask" not in batch:
         inputs["use_cache"] = False
     return inputs

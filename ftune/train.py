@@ -99,6 +99,7 @@ class Run:
     def collate(self, feeds: dict[str, list[int]]) -> dict[str, Any]:
         """One micro-batch: the training examples collated, the strategy's feeds under batch["feeds"]."""
         batch = self.collator([self.data.train[i] for i in feeds["train"]])
+        batch["example_ids"] = list(feeds["train"])  # which examples, in row order (distill's cached teacher logits)
         extra = {name: self.eval_collator([self.strategy.examples(name)[i] for i in idx])
                  for name, idx in feeds.items() if name != "train"}
         return {**batch, "feeds": extra} if extra else batch
@@ -217,8 +218,12 @@ def setup(cfg: DictConfig) -> Run:
         tokenizer = load_tokenizer(model_cfg)
         data = build_data(data_cfg, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template)
     with console.status(f"Loading model {model_label(model_cfg)}"):
+        eval_batch_size = trainer.eval_batch_size or trainer.batch_size * 2
         strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing,
-                                      dataset=data_cfg, max_length=trainer.max_length, seed=cfg.seed))
+                                      dataset=data_cfg, max_length=trainer.max_length, seed=cfg.seed,
+                                      train_examples=data.train, batch_size=eval_batch_size,
+                                      evaluate=other_model_evaluator(data, Collator(tokenizer.pad_token_id, task),
+                                                                     device, eval_batch_size, autocast_dtype)))
         model = strategy.base_model(lambda: build_model(
             model_cfg, task, num_labels=len(data.label_names) or None, label_names=data.label_names,
             pad_token_id=tokenizer.pad_token_id,
@@ -268,10 +273,13 @@ def setup(cfg: DictConfig) -> Run:
 def identity(run: Run) -> dict[str, Any]:
     """What a checkpoint must match to be resumed into this run."""
     # packing: the tokens per packed row, None for padded batches (as in checkpoints that predate packing)
+    # strategy: its name (None for strategy=none, as in checkpoints that predate strategies), then each
+    # setting it says changes the run as "strategy.<key>" (none for strategy=none)
     return {"model": run.model_cfg.path or run.model_cfg.name, "method": run.method.name,
             "task": run.data.task, "trainable": trainable_parameters(run.model)[0],
             "packing": pack_budget(run.trainer) if run.trainer.packing else None,
-            "strategy": run.strategy.identity()}
+            "strategy": None if run.strategy.name == "none" else run.strategy.name,
+            **{f"strategy.{k}": v for k, v in run.strategy.identity().items()}}
 
 
 def train_loop(run: Run) -> dict[str, Any]:
@@ -537,12 +545,24 @@ def evaluate(run: Run, score: bool = False) -> dict[str, float]:
     return metrics
 
 
+def other_model_evaluator(data: DataBundle, collator: Collator | MaskingCollator, device: torch.device,
+                          batch_size: int, autocast_dtype: torch.dtype | None):
+    """``evaluate(model, target_logits)``: loss (and accuracy) of another model (distillation's teacher) on the
+    run's eval split; {} without one."""
+    def evaluate_other(model: torch.nn.Module, target_logits: TargetLogits | None) -> dict[str, float]:
+        if not data.eval:
+            return {}
+        return evaluate_examples(model, data.eval, collator, data.task, device, batch_size, autocast_dtype,
+                                 target_logits)
+
+    return evaluate_other
+
+
 def evaluate_other(run: Run, model: torch.nn.Module, target_logits: TargetLogits | None) -> dict[str, float]:
     """Loss (and accuracy) of another model (distillation's teacher) on the run's eval split; {} without one."""
-    if not run.data.eval:
-        return {}
-    return evaluate_examples(model, run.data.eval, run.eval_collator, run.data.task, run.device,
-                             run.trainer.eval_batch_size or run.trainer.batch_size * 2, run.autocast_dtype, target_logits)
+    return other_model_evaluator(run.data, run.eval_collator, run.device,
+                                 run.trainer.eval_batch_size or run.trainer.batch_size * 2,
+                                 run.autocast_dtype)(model, target_logits)
 
 
 def check_scoring(t: TrainerConfig, task: str, has_eval: bool) -> None:

@@ -17,7 +17,8 @@ Hooks, in the order the trainer calls them::
                                                  # saved to run_dir/student at the end); nothing loaded yet
     strategy.load(sctx)                          # after tokenizer and data: load extra models (the
                                                  # teacher) or data (DANN's target domain) and check them
-                                                 # against the tokenizer and labels
+                                                 # against the tokenizer and labels (sctx also holds the
+                                                 # training examples: distill caches teacher logits)
     model = strategy.base_model(build)           # the model the method applies to; build() loads model_cfg
     ... method.check / method.prepare ...
     strategy.prepare(model, ctx)                 # after the method: move extra models to the device,
@@ -25,12 +26,15 @@ Hooks, in the order the trainer calls them::
     groups += strategy.param_groups(lr)          # extra optimizer groups for the strategy's own trained
                                                  # modules (DANN's domain classifier, uncertainty
                                                  # weights); [] for none
+    strategy.identity()                          # the settings a checkpoint must match to be resumed
+                                                 # (distill: teacher, temperature, alpha, ...); {} for none
     strategy.header_lines()                      # lines for the run header
     ... per epoch: feeds = strategy.batches(batches, epoch)  # the epoch's micro-batches: for each, the
                                                  # example indices of every feed ("train": the run's own
                                                  # shuffled batches; DANN adds "target"); extra feeds'
                                                  # examples come from strategy.examples(feed) and reach
-                                                 # loss() collated as batch["feeds"][feed]
+                                                 # loss() collated as batch["feeds"][feed]; the "train"
+                                                 # indices reach it as batch["example_ids"] (a list)
     ... per micro-batch: loss = strategy.loss(model, batch, outputs, task_loss_sum, n_targets, step)
                                                  # the whole micro-batch loss: by default task_loss_sum /
                                                  # n_targets (targets of the accumulation window); a
@@ -106,6 +110,11 @@ class StrategyContext:
     dataset: Any = None  # the run's DatasetConfig (how to read the strategy's own files of the same format)
     max_length: int = 512  # trainer.max_length: encode the strategy's own data as the run's
     seed: int = 0  # the run's seed: a strategy's own shuffles derive from it
+    train_examples: list[dict] = field(default_factory=list)  # the run's encoded training examples, by index
+    batch_size: int = 8  # the run's eval batch size: for a strategy's own forward passes over the examples
+    # loss and accuracy of another model (distill's teacher) on the run's eval split, {} without one:
+    # evaluate(model, target_logits) as final_metrics' evaluate
+    evaluate: Callable[[nn.Module, Any], dict[str, float]] | None = None
 
 
 class Strategy:
@@ -151,9 +160,12 @@ class Strategy:
         """Optimizer groups for the strategy's own trained modules (none here)."""
         return []
 
-    def identity(self) -> str | None:
-        """What a checkpoint of this run must match (None for strategy=none, as checkpoints before strategies)."""
-        return None if self.name == "none" else self.name
+    def identity(self) -> dict[str, Any]:
+        """The settings that change what this run trains and that a checkpoint must match to be resumed
+        into it (beside the strategy's name), e.g. distill's teacher and temperature; {} for none. Values
+        must survive a JSON round trip (str, numbers, bools, lists, None). Settings that cannot change a
+        step (where the teacher's logits are kept, evaluation files) stay out, so they may change on resume."""
+        return {}
 
     def header_lines(self) -> list[str]:
         return []
@@ -206,6 +218,15 @@ class Strategy:
         """Write what loading the run needs beyond the method's adapter/ (distill: the student base model)."""
 
 
+def file_identity(path: str | None) -> str | None:
+    """A strategy's data file in an identity: its absolute path when it is local (the same file named from
+    another directory is the same), else as given (a hub id)."""
+    if path is None:
+        return None
+    local = Path(str(path)).expanduser()
+    return str(local.resolve()) if local.exists() else str(path)
+
+
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
@@ -250,4 +271,4 @@ def build_strategy(strategy_cfg: Any) -> Strategy:
 
 
 __all__ = ["STRATEGIES", "Stage", "Strategy", "StrategyContext", "StrategySettings", "build_strategy",
-           "register_strategy"]
+           "file_identity", "register_strategy"]

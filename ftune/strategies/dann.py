@@ -49,7 +49,7 @@ from torch import nn
 
 from ftune.config import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, ranged
 from ftune.errors import FtuneError
-from ftune.strategies.base import Strategy, StrategyContext, StrategySettings, register_strategy
+from ftune.strategies.base import Strategy, StrategyContext, StrategySettings, file_identity, register_strategy
 
 CLASSIFIER_FILE = "domain_classifier.safetensors"
 SOURCE, TARGET = 0, 1  # domain labels
@@ -155,6 +155,12 @@ class DANN(Strategy):
     @staticmethod
     def _zeros() -> dict[str, float]:
         return {"domain": 0.0, "correct": 0, "examples": 0, "task": 0.0, "sources": 0}
+
+    def identity(self) -> dict[str, Any]:
+        """The target domain and the settings of its loss (not target_eval_path: it is only evaluated)."""
+        s = self.settings
+        return {"target_path": file_identity(s.target_path), "gamma": s.gamma, "domain_weight": s.domain_weight,
+                "domain_hidden": s.domain_hidden}
 
     def check(self) -> None:
         s = self.settings

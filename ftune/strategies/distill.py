@@ -50,9 +50,10 @@ from torch import nn
 from ftune.config import FRACTION, NOT_NEGATIVE, POSITIVE, ModelConfig, config_dir, ranged
 from ftune.data.formats import IGNORE
 from ftune.errors import FtuneError, MethodNotApplicable
-from ftune.strategies.base import Strategy, StrategyContext, StrategySettings, register_strategy
+from ftune.strategies.base import Strategy, StrategyContext, StrategySettings, file_identity, register_strategy
 
 KL_CHOICES = ("forward", "reverse", "symmetric")
+CACHE_CHOICES = ("auto", "true", "false")
 STUDENT_DIR = "student"
 
 
@@ -66,6 +67,8 @@ class DistillSettings(StrategySettings):
     kl: str = "forward"  # forward | reverse | symmetric
     cosine_weight: float = ranged(0.0, NOT_NEGATIVE)  # DistilBERT's hidden-state cosine loss; 0 = off
     teacher_4bit: bool = False  # hold the teacher in NF4 4-bit (bitsandbytes): a quarter of the memory
+    cache_teacher: str = "auto"  # true | false | auto: the teacher's logits computed once per example, then freed
+    cache_max_mb: float = ranged(1024.0, NOT_NEGATIVE)  # auto caches when the logits fit in this much memory
 
 
 # --- the loss terms (pure functions, tested against hand computations) -------------------------------
@@ -114,6 +117,64 @@ def cosine_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch
     mask = batch.get("attention_mask")
     mask = torch.ones_like(distance) if mask is None else mask.to(distance.dtype)
     return ((distance * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+
+
+# --- the teacher's logits, computed once per example ---------------------------------------------------
+def answer_targets(example: dict) -> int:
+    """The targets of one causal-LM example: the positions t whose label t+1 is not IGNORE."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE)
+
+
+class TeacherCache:
+    """The teacher's logits at the targets of every training example, by example index, in CPU memory:
+    ``targets x vocab`` per causal-LM example, the ``labels`` row per classified one. Keyed by the
+    example's index in the training split (``batch["example_ids"]``), never by batch position, since
+    batches are reshuffled every epoch and packed rows join examples in any order."""
+
+    def __init__(self, rows: list[torch.Tensor], task: str, seconds: float):
+        self.rows, self.task, self.seconds = rows, task, seconds
+        self.mb = sum(r.numel() * r.element_size() for r in rows) / 2**20
+
+    def take(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The rows of the batch's examples in the batch's target order (example by example, as the live
+        teacher's ``target_rows``), on ``device``."""
+        ids = batch.get("example_ids")
+        if ids is None:
+            raise FtuneError("strategy=distill holds the teacher's logits cached by example, but this batch does not "
+                             "say which examples it holds (batch['example_ids']); collate it with ftune.train's "
+                             "Run.collate, or set strategy.cache_teacher=false.")
+        rows = [self.rows[int(i)] for i in ids]
+        return (torch.cat(rows) if self.task == "causal_lm" else torch.stack(rows)).to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def compute_teacher_cache(teacher: nn.Module, target_logits: Any, examples: list[dict], task: str, pad_token_id: int,
+                          device: torch.device, autocast_dtype: torch.dtype | None, batch_size: int) -> TeacherCache:
+    """Run ``teacher`` once over ``examples`` (padded batches, shortest first) and keep, for each, what
+    :meth:`Distill.loss` takes from a live teacher: its logits at the example's targets, under the run's
+    autocast, in the dtype the live teacher gives them."""
+    import time
+
+    from ftune.data.collate import Collator
+    from ftune.evaluate import model_inputs
+
+    start = time.perf_counter()
+    collate = Collator(pad_token_id, task)
+    rows: list[torch.Tensor | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for first in range(0, len(order), batch_size):
+        idx = order[first:first + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if task == "causal_lm":
+                out, _, _ = target_logits.forward(teacher, batch, "causal_lm")
+                parts = target_rows(out.logits, batch["labels"]).split(
+                    (batch["labels"][:, 1:] != IGNORE).sum(1).tolist())
+            else:
+                parts = teacher(**model_inputs(batch)).logits.unbind(0)
+        for i, part in zip(idx, parts, strict=True):
+            rows[i] = part.to("cpu", copy=True)
+    return TeacherCache(rows, task, time.perf_counter() - start)
 
 
 # --- the student cut from the teacher -----------------------------------------------------------------
@@ -283,6 +344,11 @@ class Distill(Strategy):
         self.unused_model: str | None = None
         self.student_base: nn.Module | None = None  # the student as cut, kept when the teacher goes 4-bit
         self.window = self._zeros()  # sums of the logging window not yet logged
+        self.cache: TeacherCache | None = None  # strategy.cache_teacher: the teacher's logits by example
+        self.cache_candidate = False  # the cache fits the budget and the loss allows it (decided in load)
+        self.cache_reason = ""  # why the teacher runs live, when strategy.cache_teacher=auto chose so
+        self.teacher_eval: dict[str, float] | None = None  # the teacher's eval metrics, taken before it is freed
+        self.sctx: StrategyContext | None = None
         self.total = self._zeros()  # sums over the run
 
     @staticmethod
@@ -297,7 +363,34 @@ class Distill(Strategy):
                 f"(Hinton's distillation), reverse is KL(student || teacher), symmetric is the Jensen-Shannon "
                 f"divergence. Fix it on the command line or in configs/strategy/distill.yaml."
             )
+        mode = self.cache_mode
+        if mode not in CACHE_CHOICES:
+            raise FtuneError(
+                f"strategy.cache_teacher must be true, false or auto (got '{s.cache_teacher}'): true computes the "
+                f"teacher's logits once per training example before training and frees the teacher, false runs the "
+                f"teacher at every step, auto caches when the logits fit in strategy.cache_max_mb."
+            )
+        if mode == "true" and s.cosine_weight > 0:
+            raise FtuneError(
+                f"strategy.cache_teacher=true keeps only the teacher's logits, but strategy.cosine_weight="
+                f"{s.cosine_weight} also compares its hidden states at every step, so the teacher must run live. "
+                f"Set strategy.cache_teacher=auto or false (or strategy.cosine_weight=0)."
+            )
         self.source = resolve_teacher(s.teacher)
+
+    @property
+    def cache_mode(self) -> str:
+        """strategy.cache_teacher as one of CACHE_CHOICES (a YAML or command-line bool arrives as 'True')."""
+        return str(self.settings.cache_teacher).strip().lower()
+
+    def identity(self) -> dict[str, Any]:
+        """The teacher (where it was found) and every setting of the loss: resuming with another is refused.
+        strategy.cache_teacher and cache_max_mb are not in it: cached or live, the loss is the same."""
+        s, src = self.settings, self.source
+        teacher = str(src.run_dir) if src.kind == "run" else file_identity(src.spec) if src.kind == "path" else src.spec
+        return {"teacher": teacher, "student_layers": None if s.student_layers is None else list(s.student_layers),
+                "temperature": s.temperature, "alpha": s.alpha, "kl": s.kl, "cosine_weight": s.cosine_weight,
+                "teacher_4bit": s.teacher_4bit}
 
     def model_config(self, model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
         if self.settings.student_layers is None:
@@ -353,6 +446,39 @@ class Distill(Strategy):
         self.teacher, self.tokens = teacher, len(sctx.tokenizer)
         self.packing, self.autocast_dtype = sctx.packing, sctx.autocast_dtype
         self.report["strategy/teacher_params"] = params(teacher)
+        self.sctx = sctx
+        self._plan_cache(teacher, sctx)
+
+    def _plan_cache(self, teacher: nn.Module, sctx: StrategyContext) -> None:
+        """Whether the teacher's logits can be cached (strategy.cache_teacher, cache_max_mb); true refuses what auto
+        declines. The last word (auto: only for runs that see every example at least once) is prepare's."""
+        s, mode = self.settings, self.cache_mode
+        if mode == "false":
+            return
+        if sctx.task not in ("causal_lm", "seq_cls"):
+            reason = "masked-LM batches are masked anew every epoch, so there is no fixed target to cache"
+        elif s.cosine_weight > 0:
+            reason = f"strategy.cosine_weight={s.cosine_weight} needs the teacher's hidden states at every step"
+        else:
+            # the live teacher's logits: the autocast dtype, else its output layer's
+            head = teacher.get_output_embeddings() if sctx.task == "causal_lm" else None
+            width = output_rows(teacher) if head is not None else int(teacher.config.num_labels)
+            dtype = sctx.autocast_dtype or next(teacher.parameters()).dtype
+            rows = (sum(answer_targets(e) for e in sctx.train_examples) if sctx.task == "causal_lm"
+                    else len(sctx.train_examples))
+            mb = rows * width * torch.empty((), dtype=dtype).element_size() / 2**20
+            if mb <= s.cache_max_mb:
+                self.cache_candidate = True
+                return
+            reason = (f"the logits of its {len(sctx.train_examples)} training examples ({rows} rows of {width}) "
+                      f"take {mb:,.0f} MB, over strategy.cache_max_mb={s.cache_max_mb:g}")
+        if mode == "true":
+            raise FtuneError(
+                f"strategy.cache_teacher=true cannot cache the teacher's logits: {reason}. Set "
+                f"strategy.cache_teacher=auto (the teacher then runs live at every step) or false"
+                + (", or raise strategy.cache_max_mb." if "cache_max_mb" in reason else ".")
+            )
+        self.cache_reason = reason
 
     @staticmethod
     def _check_classifier_head(src: TeacherSource, label_names: list[str]) -> None:
@@ -373,7 +499,8 @@ class Distill(Strategy):
         layers = self.settings.student_layers
         student = build() if layers is None else student_from_layers(self.teacher, list(layers))
         self.report["strategy/student_params"] = params(student)  # before the method adds any
-        if layers is not None and self.settings.teacher_4bit:  # save() cannot cut it again from a 4-bit teacher
+        if layers is not None and (self.settings.teacher_4bit or self.cache_candidate):
+            # save() cannot cut it again from a 4-bit teacher, nor from one freed after caching its logits
             self.student_base = copy.deepcopy(student)
         return student
 
@@ -393,7 +520,7 @@ class Distill(Strategy):
                     f"Use a teacher and a student built for this tokenizer."
                 )
             self.teacher_logits = TargetLogits(teacher)
-            if self.packing:  # the teacher must keep the examples of a packed row apart too
+            if self.packing and not self._will_cache(ctx):  # the teacher must keep the examples of a packed row apart too
                 from ftune.packing import check_packing
 
                 check_packing(teacher, f"strategy=distill's teacher ({self.source.spec})", ctx.device,
@@ -407,6 +534,37 @@ class Distill(Strategy):
                     f"cut the student from the teacher (strategy.student_layers=[...]), which keeps the width."
                 )
             self.captures = (HiddenCapture(final_hidden_module(model)), HiddenCapture(final_hidden_module(teacher)))
+        self.teacher = teacher
+        if self._will_cache(ctx):
+            self._cache_and_free(ctx)
+        elif self.cache_candidate:  # auto, and the run is shorter than an epoch
+            self.cache_reason = (f"the run trains {ctx.total_steps} steps, less than an epoch ({ctx.steps_per_epoch}), "
+                                 f"so caching would run the teacher on more examples than training does")
+            self.cache_candidate = False
+            if not self.settings.teacher_4bit:
+                self.student_base = None
+
+    def _will_cache(self, ctx: Any) -> bool:
+        return self.cache_candidate and (self.cache_mode == "true" or ctx.total_steps >= ctx.steps_per_epoch)
+
+    def _cache_and_free(self, ctx: Any) -> None:
+        """The teacher's logits for every training example, then the teacher's eval metrics (final_metrics reports
+        them), then the teacher is freed: training needs only the cache."""
+        import gc
+
+        sctx = self.sctx
+        self.cache = compute_teacher_cache(self.teacher, self.teacher_logits, sctx.train_examples, self.task,
+                                           sctx.tokenizer.pad_token_id, ctx.device, self.autocast_dtype,
+                                           sctx.batch_size)
+        self.teacher_eval = sctx.evaluate(self.teacher, self.teacher_logits) if sctx.evaluate else {}
+        if self.teacher_logits is not None:
+            self.teacher_logits.remove()
+        self.teacher = self.teacher_logits = None
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.report["strategy/teacher_cache_mb"] = self.cache.mb
+        self.report["strategy/teacher_cache_s"] = self.cache.seconds
 
     def _quantized(self, teacher: nn.Module, ctx: Any) -> nn.Module:
         from ftune.models import TASK_HEADS, quantizable_4bit, quantize_4bit
@@ -432,7 +590,11 @@ class Distill(Strategy):
                 f"{student} ({self.report['strategy/student_params']:,} parameters); T={s.temperature} "
                 f"alpha={s.alpha} kl={s.kl}" + (f" cosine_weight={s.cosine_weight}" if s.cosine_weight else "")
                 + (f"; teacher in 4-bit ({self.report['strategy/teacher_layers_4bit']} linear layers)"
-                   if s.teacher_4bit else "")]
+                   if s.teacher_4bit else "")
+                + (f"; teacher logits cached ({self.cache.mb:,.1f} MB for {len(self.cache.rows)} examples, computed in "
+                   f"{self.cache.seconds:.1f} s), the teacher freed" if self.cache is not None else "")
+                + (f"; the teacher runs live at every step (strategy.cache_teacher=auto: {self.cache_reason})"
+                   if self.cache is None and self.cache_reason else "")]
 
     # --- training ------------------------------------------------------------------------------------
     def loss(self, model, batch, outputs, task_loss_sum, n_targets, step):
@@ -440,7 +602,9 @@ class Distill(Strategy):
 
         s = self.settings
         with torch.no_grad():
-            if self.task == "causal_lm":
+            if self.cache is not None:  # exactly the rows the live teacher gives below
+                teacher = self.cache.take(batch, outputs.logits.device)
+            elif self.task == "causal_lm":
                 teacher_out, _, _ = self.teacher_logits.forward(self.teacher, batch, "causal_lm")
                 teacher = target_rows(teacher_out.logits, batch["labels"])
             else:
@@ -484,7 +648,7 @@ class Distill(Strategy):
     # --- outputs -------------------------------------------------------------------------------------
     def final_metrics(self, metrics: dict[str, Any], evaluate: Callable) -> dict[str, Any]:
         out = {**self.report, **self._means(self.total)}
-        teacher = evaluate(self.teacher, self.teacher_logits)
+        teacher = self.teacher_eval if self.teacher is None else evaluate(self.teacher, self.teacher_logits)
         for key in ("eval/loss", "eval/accuracy", "eval/perplexity"):
             if key in teacher:
                 out[f"strategy/teacher_{key.replace('/', '_')}"] = teacher[key]
@@ -495,7 +659,7 @@ class Distill(Strategy):
     def save(self, model: nn.Module, run_dir: Path) -> None:
         if self.settings.student_layers is None:
             return
-        if self.settings.teacher_4bit:
+        if self.student_base is not None:  # a 4-bit teacher, or one freed after caching its logits
             self.student_base.save_pretrained(str(Path(run_dir) / STUDENT_DIR))
             return
         for hook in ([self.teacher_logits] if self.teacher_logits else []):

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from ftune.config import AT_LEAST_1, POSITIVE, ModelConfig, Range, ranged, validate_group
 from ftune.errors import FtuneError
-from ftune.strategies.base import Stage, Strategy, StrategySettings, register_strategy
+from ftune.strategies.base import Stage, Strategy, StrategySettings, file_identity, register_strategy
 
 STAGE = "pretrain"
 OBJECTIVES = ("auto", "masked", "causal")
@@ -99,6 +99,12 @@ def masked_objective(model_type: str) -> bool:
 @register_strategy("domain_adapt")
 class DomainAdapt(Strategy):
     settings_cls = DomainAdaptSettings
+
+    def identity(self) -> dict[str, Any]:
+        """The corpus and the settings of the pretraining stage whose weights this run starts from."""
+        s = self.settings
+        return {"corpus_path": file_identity(s.corpus_path), "text_column": s.text_column, "objective": s.objective,
+                "pretrain_steps": s.pretrain_steps, "pretrain_lr": s.pretrain_lr, "mlm_probability": s.mlm_probability}
 
     def check(self) -> None:
         s = self.settings

@@ -71,7 +71,7 @@ def test_cosine_loss_per_target_token_and_per_example():
 def test_distill_loss_on_a_real_batch_equals_the_hand_computation(make_cfg):
     """Student (LoRA on tiny Llama, init_seed 1) and teacher (tiny_llama): KD with T^2 over the answer tokens only,
     both models' full logits taken by hand, the position predicting label t+1 at t."""
-    run = setup(make_cfg(*LLAMA, *DISTILL, "model.init_seed=1", "strategy.kl=forward"))
+    run = setup(make_cfg(*LLAMA, *DISTILL, "model.init_seed=1", "strategy.kl=forward", "strategy.cache_teacher=false"))
     batch = {k: v.to(run.device) for k, v in run.collator(run.data.train[:2]).items()}
     labels = batch["labels"]
     assert (labels == -100).any() and (labels != -100).any()  # prompt tokens are masked
@@ -200,10 +200,13 @@ def test_accumulation_gives_the_same_kd_loss_and_weights(make_cfg):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_mid_run_reproduces_the_uninterrupted_run(make_cfg):
+@pytest.mark.parametrize("teacher", ["live", "cached"])
+def test_resume_mid_run_reproduces_the_uninterrupted_run(make_cfg, teacher):
     """Killed after the step-2 checkpoint of a 5-step run (log every 2: a logging window open across the
-    checkpoint), resumed: the same weights and the same rows, strategy/ metrics included."""
-    args = [*LLAMA, *DISTILL, "model.init_seed=1", "strategy.cosine_weight=0.5", "trainer.max_steps=5",
+    checkpoint), resumed: the same weights and the same rows, strategy/ metrics included. Live: the teacher
+    runs at every step (the cosine loss needs it); cached: its logits are computed again on resume."""
+    loss = ["strategy.cosine_weight=0.5"] if teacher == "live" else ["strategy.cache_teacher=true"]
+    args = [*LLAMA, *DISTILL, "model.init_seed=1", *loss, "trainer.max_steps=5",
             "trainer.log_every=2", "trainer.save_every=3", "trainer.keep_checkpoints=5"]
     whole = make_cfg(*args, out="whole")
     metrics = train(whole)
@@ -219,8 +222,9 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(make_cfg):
     rows = [[r for r in read_metrics(Path(cfg.output_dir, "metrics.jsonl")) if "loss" in r] for cfg in (whole, part)]
     strip = [[{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs] for rs in rows]
     assert strip[0] == strip[1] and [r["step"] for r in rows[0]] == [2, 4, 5]
-    assert all("strategy/kd_loss" in r and "strategy/cosine_loss" in r for r in rows[0])
-    for key in ("strategy/kd_loss", "strategy/task_loss", "strategy/cosine_loss"):
+    assert all("strategy/kd_loss" in r and ("strategy/cosine_loss" in r) == (teacher == "live") for r in rows[0])
+    assert ("strategy/teacher_cache_mb" in resumed) == (teacher == "cached")
+    for key in ("strategy/kd_loss", "strategy/task_loss", *(["strategy/cosine_loss"] if teacher == "live" else [])):
         assert metrics[key] == resumed[key]
 
 
@@ -231,6 +235,55 @@ def test_resume_with_another_strategy_is_refused(make_cfg):
     again = make_cfg(*args, *DISTILL, "resume=auto", out="plain")
     with pytest.raises(FtuneError, match=r"strategy \(None: strategy=none\): checkpoint has None, this run has 'distill'"):
         train(again)
+
+
+def test_resume_with_another_teacher_or_distill_setting_is_refused_and_the_same_resumes(make_cfg, tmp_path):
+    """The teacher and the loss settings are part of the checkpoint's identity; where the teacher's logits come from
+    (strategy.cache_teacher) is not: the loss is the same."""
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_teacher"  # another tiny Llama, same tokenizer
+    tiny("tiny_llama", "causal_lm", 1).save_pretrained(str(other))
+    AutoTokenizer.from_pretrained(str(Path(__file__).parents[2] / "ftune/assets/tiny_tokenizer")).save_pretrained(
+        str(other))
+    args = [*LLAMA, *DISTILL, "trainer.save_every=1", "strategy.cache_teacher=false"]
+    train(make_cfg(*args, "trainer.max_steps=2", out="kd"))
+    for change, expected in ((f"strategy.teacher={other}", f"strategy.teacher: checkpoint has 'tiny_llama', this run "
+                                                           f"has '{other.resolve()}'"),
+                             ("strategy.temperature=3.0", "strategy.temperature: checkpoint has 2.0, this run has 3.0"),
+                             ("strategy.kl=reverse", "strategy.kl: checkpoint has 'forward', this run has 'reverse'")):
+        with pytest.raises(FtuneError) as err:
+            train(make_cfg(*args, "trainer.max_steps=3", change, "resume=auto", out="kd"))
+        msg = str(err.value)
+        assert "belongs to a different run" in msg and expected in msg and "strategy settings" in msg, msg
+        assert "\n" not in msg
+    again = make_cfg(*[a for a in args if "cache_teacher" not in a], "strategy.cache_teacher=true",
+                     "trainer.max_steps=4", "resume=auto", out="kd")
+    metrics = train(again)
+    assert metrics["train_steps"] == 4 and "strategy/teacher_cache_mb" in metrics
+
+
+def test_cache_teacher_auto_caches_what_fits_and_true_refuses_what_does_not(make_cfg):
+    """auto: cached when the logits fit in cache_max_mb and the run sees every example; else the teacher runs live
+    and the header says why. true: refused with one paragraph where auto would run the teacher live."""
+    from ftune.progress import console
+
+    run = setup(make_cfg(*LLAMA, *DISTILL, "trainer.max_steps=4", out="fits"))  # 8 examples, batches of 2: one epoch
+    assert run.strategy.cache is not None and run.strategy.teacher is None  # the teacher freed
+    assert len(run.strategy.cache.rows) == 8 and "teacher logits cached" in run.strategy.header_lines()[0]
+    for extra, why in ((["trainer.max_steps=3"], "less than an epoch"),
+                       (["strategy.cache_max_mb=0.001"], "over strategy.cache_max_mb=0.001"),
+                       (["strategy.cosine_weight=0.5"], "needs the teacher's hidden states")):
+        run = setup(make_cfg(*LLAMA, *DISTILL, "trainer.max_steps=4", *extra, out="live"))
+        assert run.strategy.cache is None and run.strategy.teacher is not None
+        assert why in run.strategy.header_lines()[0], run.strategy.header_lines()
+    with console.capture(), pytest.raises(FtuneError) as err:
+        setup(make_cfg(*LLAMA, *DISTILL, "strategy.cache_teacher=true", "strategy.cache_max_mb=0.001", out="refused"))
+    assert "strategy.cache_teacher=true cannot cache" in str(err.value) and "raise strategy.cache_max_mb" in str(err.value)
+    msg = settings_error(make_cfg, *LLAMA, *DISTILL, "strategy.cache_teacher=true", "strategy.cosine_weight=0.5")
+    assert "hidden states" in msg and "strategy.cache_teacher=auto or false" in msg
+    msg = settings_error(make_cfg, *LLAMA, *DISTILL, "strategy.cache_teacher=sometimes")
+    assert "strategy.cache_teacher must be true, false or auto (got 'sometimes')" in msg
 
 
 def settings_error(make_cfg, *overrides: str) -> str:
@@ -261,7 +314,7 @@ def test_the_default_strategy_is_none_and_changes_nothing(make_cfg):
     cfg = make_cfg(*LLAMA)
     assert cfg.strategy.name == "none"
     run = setup(cfg)
-    assert run.strategy.identity() is None and run.strategy.param_groups(1.0) == []
+    assert run.strategy.identity() == {} and run.strategy.param_groups(1.0) == []
     outputs, loss_sum, n = run.target_logits.forward(run.model, {k: v for k, v in run.collator(
         run.data.train[:2]).items()}, "causal_lm")
     assert torch.equal(run.strategy.loss(run.model, {}, outputs, loss_sum, n, 0), loss_sum / n)
@@ -300,7 +353,7 @@ def test_a_teacher_padded_to_a_larger_vocabulary_is_compared_over_the_students_i
     AutoTokenizer.from_pretrained(str(Path(__file__).parents[2] / "ftune/assets/tiny_tokenizer")).save_pretrained(
         str(teacher_dir))
     run = setup(make_cfg(*LLAMA, "strategy=distill", f"strategy.teacher={teacher_dir}", "strategy.temperature=1.5",
-                         "strategy.kl=symmetric"))
+                         "strategy.kl=symmetric", "strategy.cache_teacher=false"))
     assert run.strategy.teacher.get_output_embeddings().weight.shape[0] == 1088
     batch = run.collator(run.data.train[:2])
     outputs, loss_sum, n = run.target_logits.forward(run.model, batch, "causal_lm")
@@ -345,3 +398,50 @@ def test_classifier_distilled_from_a_teacher_run_per_example(make_cfg):
     first, second = run.data.label_names
     with pytest.raises(FtuneError, match=rf"predicts the classes \['{first}', '{second}'\], this run's data has"):
         setup(make_cfg(*student, f"dataset.label_names=[{second},{first}]", out="swapped"))
+
+
+# --- strategy.cache_teacher: the teacher's logits computed once per example --------------------------------------
+def loss_rows_and_weights(make_cfg, args: list[str], out: str) -> tuple[list[dict], dict, dict]:
+    cfg = make_cfg(*args, out=out)
+    metrics = train(cfg)
+    rows = [r for r in read_metrics(Path(cfg.output_dir, "metrics.jsonl")) if "loss" in r]
+    return rows, load_file(f"{cfg.output_dir}/adapter/adapter_model.safetensors"), metrics
+
+
+def bert_teacher(make_cfg) -> tuple[list[str], str]:
+    """A 3-block tiny BERT classifier run (2 steps of full fine-tuning): the classification tests' teacher."""
+    bert = ["model=tiny_bert", "dataset=sentiment", "model.config.num_hidden_layers=3", "trainer.batch_size=4",
+            "trainer.max_length=32", "dataset.max_samples=16", "dataset.max_eval_samples=8"]
+    teacher = make_cfg(*bert, "method=full", "optimizer.lr=1e-3", "trainer.max_steps=2", out="teacher")
+    train(teacher)
+    return bert, teacher.output_dir
+
+
+@pytest.mark.parametrize("case", ["causal", "packed", "classifier"])
+def test_cached_teacher_logits_give_the_live_teachers_loss_and_weights(make_cfg, case):
+    """Cached (strategy.cache_teacher=true) and live teacher: the same loss at every step and the same weights,
+    over two epochs (the second reshuffles the batches; the cache is keyed by example, not batch position)."""
+    if case == "classifier":
+        bert, teacher = bert_teacher(make_cfg)
+        args = [*bert, "strategy=distill", f"strategy.teacher={teacher}", "strategy.student_layers=[2]",
+                "strategy.alpha=0.6", "method=lora", "trainer.max_steps=6"]
+    else:
+        args = [*LLAMA, *DISTILL, "model.init_seed=1", "trainer.max_steps=6", "optimizer.lr=1e-2",
+                *(["trainer.packing=true", "trainer.pack_tokens=96"] if case == "packed" else [])]
+    live_rows, live_w, live = loss_rows_and_weights(make_cfg, [*args, "strategy.cache_teacher=false"], "live")
+    rows, weights, cached = loss_rows_and_weights(make_cfg, [*args, "strategy.cache_teacher=true"], "cached")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in live_rows]
+    assert rows[-1]["epoch"] > 1  # the second epoch's batches: other examples together, in another order
+    for a, b in zip(rows, live_rows, strict=True):
+        for key in ("loss", "strategy/kd_loss", "strategy/task_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    assert weights.keys() == live_w.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], live_w[name], rtol=0, atol=1e-6)
+    assert cached["strategy/teacher_cache_mb"] > 0 and "strategy/teacher_cache_mb" not in live
+    for key in ("strategy/teacher_eval_loss", "strategy/teacher_eval_accuracy"):  # taken before the teacher is freed
+        assert (key in cached) == (key in live) and cached.get(key) == pytest.approx(live.get(key), abs=1e-6)
+    if case == "classifier":
+        assert "strategy/teacher_eval_accuracy" in cached
+        saved = [load_file(f"{make_cfg(out=o).output_dir}/student/model.safetensors") for o in ("live", "cached")]
+        assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])  # the student's base, cut before training
