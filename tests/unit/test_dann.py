@@ -166,6 +166,8 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(make_cfg, dann):
     assert all("strategy/domain_accuracy" in r for r in rows[0])
     for key in ("strategy/domain_accuracy", "strategy/domain_accuracy_mean", "strategy/target_accuracy"):
         assert metrics[key] == resumed[key]
+    with pytest.raises(FtuneError, match=r"strategy\.gamma: checkpoint has 10\.0, this run has 5\.0"):
+        train(make_cfg(*args, "resume=auto", "strategy.gamma=5.0", out="part"))  # another schedule: refused
 
 
 def error_of(make_cfg, *overrides: str) -> str:

@@ -108,6 +108,8 @@ def test_resume_after_a_kill_in_stage_two_does_not_redo_stage_one(make_cfg, tmp_
     assert rows[0] == rows[1] and len(rows[0]) == 5
     assert resumed["eval/loss"] == metrics["eval/loss"]
     assert len([r for r in read_metrics(Path(part.output_dir, "stages/pretrain/metrics.jsonl")) if "loss" in r]) == 3
+    with pytest.raises(FtuneError, match=r"strategy\.pretrain_lr: checkpoint has 0\.01, this run has 0\.001"):
+        train(make_cfg(*args, "resume=auto", "strategy.pretrain_lr=1e-3", out="part"))  # stage 1 trained otherwise
 
 
 def error_of(make_cfg, *overrides: str) -> str:
