@@ -26,6 +26,18 @@ under the student's autocast; ``strategy.teacher_4bit=true`` holds its linear la
 QLoRA's base; the output layer and a classifier head stay in full precision). Its tokenizer must be the student's (same token ids); a teacher whose
 output layer is padded larger than the student's (or smaller) is compared over the common ids.
 
+Cached teacher (``strategy.cache_teacher``: auto, true or false): the teacher's logits at every training
+example's targets (its answer tokens' vocabulary rows for a causal LM, its label row for a classifier)
+are computed once before training, in padded eval batches under the run's autocast, kept in CPU memory
+by the example's index in the training split (``batch["example_ids"]``: batches are reshuffled each
+epoch and packed rows join any examples), and the teacher is freed after its eval metrics are taken.
+The loss is the live teacher's (exact logits, no top-k). ``auto`` caches when they fit in
+``strategy.cache_max_mb``, the run sees every example at least once (else caching costs more teacher
+forwards than it saves), and ``cosine_weight`` is 0: the cosine loss compares hidden states at every
+position, which are not cached, so the teacher then runs live. ``true`` refuses those cases. Nothing
+is written to disk: a resumed run computes the cache again (the same logits), and the settings that
+define the loss, the teacher included, are part of the checkpoint's identity (``identity``).
+
 Student from the teacher (``strategy.student_layers=[0,2,4]``): the teacher's embeddings, the listed
 blocks in that order, its final norm and head, copied (DistilBERT's initialisation); the method then
 applies to it. The run's model config becomes that student (``model.path=<run>/student``, written
