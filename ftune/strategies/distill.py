@@ -472,9 +472,12 @@ class Distill(Strategy):
         elif s.cosine_weight > 0:
             reason = f"strategy.cosine_weight={s.cosine_weight} needs the teacher's hidden states at every step"
         else:
-            # the live teacher's logits: the autocast dtype, else its output layer's
-            head = teacher.get_output_embeddings() if sctx.task == "causal_lm" else None
-            width = output_rows(teacher) if head is not None else int(teacher.config.num_labels)
+            # the live teacher's logits: in the autocast dtype, else in its weights'
+            if sctx.task == "causal_lm":
+                has_head = isinstance(teacher.get_output_embeddings(), nn.Module)
+                width = output_rows(teacher) if has_head else int(teacher.config.vocab_size)
+            else:
+                width = int(teacher.config.num_labels)
             dtype = sctx.autocast_dtype or next(teacher.parameters()).dtype
             rows = (sum(answer_targets(e) for e in sctx.train_examples) if sctx.task == "causal_lm"
                     else len(sctx.train_examples))
