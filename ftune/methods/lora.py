@@ -120,6 +120,12 @@ class Lora(UnfreezesGradually, PeftMethod):
         """Whether the base model is quantized to 4 bits before the adapter is added."""
         return bool(getattr(self.settings, "quantize", False))
 
+    def fsdp_refusal(self):
+        if self.quantized:
+            return ("its base weights are 4-bit bitsandbytes tensors, and FSDP2 shards parameters as plain tensors: "
+                    "the 4-bit quantization state would be dropped")
+        return None
+
     def lora_kwargs(self, ctx: MethodContext) -> dict:
         s = self.settings
         target = as_targets(s.target_modules)
@@ -364,6 +370,11 @@ class AdaLora(PeftMethod):
 
     settings_cls = AdaLoraSettings
     mergeable = True
+
+    def fsdp_refusal(self):
+        return ("its rank allocator reads and masks whole lora_A, lora_E and lora_B tensors and their gradients "
+                "after every step, and its orthogonality loss reads them outside the forward, while FSDP2 holds "
+                "only each process's slice of them")
 
     def check(self, model, ctx):
         s = self.settings
