@@ -152,11 +152,11 @@ def write_error(message: str, secondary: bool = False) -> bool:
     return True
 
 
-def wrap(model: nn.Module, kind: str, device: torch.device, blocks: Sequence[nn.Module],
+def wrap(model: nn.Module, kind: str, device: torch.device, units: Sequence[nn.Module],
          param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
     """What the training steps call on several processes: the model in DistributedDataParallel (``ddp``), or
-    (``fsdp``) the model itself, sharded in place by FSDP2: each of ``blocks`` (the transformer blocks), then
-    the root. Build the optimizer after this: under FSDP2 the parameters become DTensors (this rank's slice).
+    (``fsdp``) the model itself, sharded in place by FSDP2: each of ``units`` (the transformer blocks first,
+    inner modules before those that hold them), then the root. Build the optimizer after this: under FSDP2 the parameters become DTensors (this rank's slice).
 
     ``param_dtype``: mixed precision, the dtype parameters are gathered and computed in (gradients are
     reduced in float32); ``cpu_offload``: parameters, gradients and optimizer states live in CPU memory."""
@@ -171,8 +171,8 @@ def wrap(model: nn.Module, kind: str, device: torch.device, blocks: Sequence[nn.
     }
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in blocks:
-        fully_shard(block, **kwargs)
+    for unit in units:
+        fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)  # what is left: embeddings, final norm, output layer
     return model
 

@@ -253,7 +253,7 @@ def setup(cfg: DictConfig) -> Run:
     ddp = model
     if world.enabled:  # gradients averaged over processes in backward; hooks and saving use the model itself
         # fsdp: sharded in place (each block, then the root), so the optimizer is built after this
-        ddp = distributed.wrap(model, trainer.distributed, device, fsdp_blocks(model) if trainer.distributed == "fsdp"
+        ddp = distributed.wrap(model, trainer.distributed, device, fsdp_units(model) if trainer.distributed == "fsdp"
                                else [], autocast_dtype, trainer.fsdp_cpu_offload)
 
     optimizer = build_optimizer(cfg, method, model, device, strategy)
@@ -585,6 +585,11 @@ def check_distributed(t: TrainerConfig, method: Method, strategy: Strategy, worl
         raise FtuneError(f"Unknown trainer.distributed={t.distributed}; ftune trains several processes with "
                          f"trainer.distributed=ddp (DistributedDataParallel, the default) or trainer.distributed=fsdp "
                          f"(FSDP2: parameters, gradients and optimizer states sharded over the processes).")
+    sharded = t.distributed == "fsdp" and (world.enabled or t.num_processes > 1)
+    if t.fsdp_cpu_offload and not sharded:
+        raise FtuneError(f"trainer.fsdp_cpu_offload=true keeps FSDP2's shards in CPU memory, and this run is not "
+                         f"sharded ({'one process' if t.distributed == 'fsdp' else f'trainer.distributed={t.distributed}'}): "
+                         f"use trainer.distributed=fsdp with trainer.num_processes>1, or drop trainer.fsdp_cpu_offload.")
     if not world.enabled and t.num_processes == 1:
         return
     if t.distributed == "fsdp":
@@ -626,15 +631,19 @@ def check_fsdp(t: TrainerConfig, method: Method, device: torch.device | None,
                          "trainer.fsdp_cpu_offload.")
 
 
-def fsdp_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks that FSDP2 shards one by one (each gathered only while it computes); none found:
-    the whole model is one unit, gathered at once (correct, but without the memory saving)."""
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What FSDP2 shards one by one, below the root: each transformer block (gathered only while it computes)
+    and, under a peft wrapper, the transformers model itself, which ``generate`` calls directly (so it
+    gathers the embeddings and output layer it holds). Without blocks found, the model is one unit
+    (correct, without the memory saving)."""
     from ftune.methods.selective import transformer_blocks
 
     try:
-        return list(transformer_blocks(model)[1])
+        units = list(transformer_blocks(model)[1])
     except FtuneError:
-        return []
+        units = []
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return units + ([inner] if inner is not model else [])
 
 
 class MemoryMeter:

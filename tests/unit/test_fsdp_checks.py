@@ -66,6 +66,13 @@ def test_ddp_still_trains_what_fsdp_refuses():
     check("method=adalora", "trainer.distributed=ddp", "trainer.keep_best=true", "trainer.eval_every=2")
 
 
+def test_cpu_offload_without_sharding_is_refused():
+    for overrides in (["trainer.distributed=ddp"], ["trainer.distributed=fsdp", "trainer.num_processes=1"]):
+        cfg = compose_train(["model=tiny_llama", "trainer.num_processes=2", "trainer.fsdp_cpu_offload=true", *overrides])
+        with pytest.raises(FtuneError, match="not sharded"):
+            check_distributed(validate_group(cfg, "trainer"), build_method(cfg.method), build_strategy(None), World())
+
+
 def test_unknown_strategy_names_both():
     with pytest.raises(FtuneError, match="trainer.distributed=ddp .*trainer.distributed=fsdp"):
         check("trainer.distributed=zero3")
