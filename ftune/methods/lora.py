@@ -259,6 +259,11 @@ class Pissa(Lora):
                                       for k, v in get_peft_model_state_dict(model).items()}
         return model
 
+    def fsdp_refusal(self):
+        return ("its save converts the trained adapter by loading the initial one into the model beside it, and "
+                "loading weights into an FSDP2 model goes through FSDP2's own hooks, which expect each process's "
+                "slice, not the whole tensors that the save works on")
+
     def save(self, model, out_dir: Path) -> None:
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import load_file, save_file

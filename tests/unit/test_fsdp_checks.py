@@ -31,6 +31,7 @@ def check(*overrides: str, device: torch.device | None = None, dtype: torch.dtyp
     (["method=prefix_tuning"], ["method=prefix_tuning", "prompt encoder"]),
     (["method=peft", "method.peft_type=P_TUNING"], ["method=peft", "virtual-token"]),
     (["method=adalora"], ["method=adalora", "rank allocator"]),
+    (["method=pissa"], ["method=pissa", "initial one"]),
     (["method=qlora"], ["method=qlora", "4-bit quantization state"]),
     (["method=dora", "method.quantize=true"], ["method=dora", "4-bit"]),
     (["trainer.keep_best=true", "trainer.eval_every=2"], ["keep_best", "slice"]),
@@ -57,7 +58,7 @@ def test_what_auto_resolves_to_is_checked_in_each_process():
         check("trainer.fsdp_cpu_offload=true", device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "loraplus", "ia3", "full", "bitfit", "adapter_houlsby"])
+@pytest.mark.parametrize("method", ["lora", "dora", "loraplus", "ia3", "full", "bitfit", "adapter_houlsby", "mam"])
 def test_shardable_methods_pass(method):
     check(f"method={method}", "trainer.precision=bf16", device=torch.device("cpu"), dtype=torch.bfloat16)
 
