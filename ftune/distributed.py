@@ -195,14 +195,16 @@ def _is_sharded(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor (DTensor) gathered whole into CPU memory, a collective; any other tensor as it is."""
+def whole(t: torch.Tensor) -> torch.Tensor | None:
+    """A sharded tensor (DTensor) gathered whole into rank 0's CPU memory, a collective (every rank calls it;
+    the others get None); any other tensor as it is."""
     if not _is_sharded(t):
         return t
     t = t.detach()
     if t.device.type != t.device_mesh.device_type:  # CPU offload: gathered on the GPU (nccl), then brought back
         t = t.to(t.device_mesh.device_type)
-    return t.full_tensor().cpu()
+    full = t.full_tensor()
+    return full.cpu() if _WORLD.main else None
 
 
 def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -227,7 +229,7 @@ def whole_parameters(model: nn.Module, trainable_only: bool = False) -> Iterator
     for p in model.parameters():
         if _is_sharded(p) and (p.requires_grad or not trainable_only):
             full = whole(p)  # every rank, in the same order
-            if _WORLD.main:
+            if full is not None:
                 found[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
     swapped = []
     for module in model.modules():  # a tied weight is one parameter in two places: both get the same whole one
@@ -243,7 +245,8 @@ def whole_parameters(model: nn.Module, trainable_only: bool = False) -> Iterator
 
 
 def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with sharded states gathered whole: the one-process format (a collective)."""
+    """``optimizer.state_dict()`` with sharded states gathered whole: the one-process format (a collective;
+    only rank 0's holds the tensors)."""
     state = optimizer.state_dict()
     if not any(_is_sharded(v) for s in state["state"].values() for v in s.values()):
         return state
