@@ -156,7 +156,8 @@ def wrap(model: nn.Module, kind: str, device: torch.device, units: Sequence[nn.M
          param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
     """What the training steps call on several processes: the model in DistributedDataParallel (``ddp``), or
     (``fsdp``) the model itself, sharded in place by FSDP2: each of ``units`` (the transformer blocks first,
-    inner modules before those that hold them), then the root. Build the optimizer after this: under FSDP2 the parameters become DTensors (this rank's slice).
+    inner modules before those that hold them), then the root. Build the optimizer after this: under FSDP2
+    the parameters become DTensors (this rank's slice).
 
     ``param_dtype``: mixed precision, the dtype parameters are gathered and computed in (gradients are
     reduced in float32); ``cpu_offload``: parameters, gradients and optimizer states live in CPU memory."""
@@ -173,7 +174,7 @@ def wrap(model: nn.Module, kind: str, device: torch.device, units: Sequence[nn.M
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for unit in units:
         fully_shard(unit, **kwargs)
-    fully_shard(model, **kwargs)  # what is left: embeddings, final norm, output layer
+    fully_shard(model, **kwargs)  # what no unit holds (without peft: embeddings, final norm, output layer)
     return model
 
 
