@@ -120,6 +120,7 @@ def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, sc
                     strategy=None, rank_rng: list[dict[str, Any]] | None = None) -> Path:
     """Write ``root/step-N`` atomically; refuse (TrainingFailed) to save non-finite weights.
 
+    ``optimizer``: the optimizer, or its state dict (FSDP2: gathered whole, the one-process format).
     ``best``: the trainable tensors of the best evaluation so far (trainer.keep_best), as best.safetensors.
     ``rank_rng``: several processes: every rank's random state (:func:`rng_state` of each), as rng-ranks.pt.
     """
@@ -138,7 +139,7 @@ def save_checkpoint(root: Path, loop: LoopState, model, optimizer, scheduler, sc
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     save_file(tensors, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(scaler.state_dict() if scaler is not None else {}, tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -272,17 +273,17 @@ def apply_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, scaler,
         say(f"warning: this run asks for learning rate {fmt(asked)}, but checkpoint '{ckpt.path}' was trained with "
             f"{fmt(saved)}; resuming continues the checkpoint's schedule at {fmt(saved)}. To train with the new "
             f"rate, start a new output_dir instead of resuming.")
+    from ftune.distributed import shard_like, shard_optimizer_state, world
+
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    with torch.no_grad():  # FSDP2: each rank takes its slice of the whole tensors (a no-op otherwise)
         for name, value in ckpt.tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(ckpt.optimizer)
+            params[name].copy_(shard_like(value, params[name]))
+    optimizer.load_state_dict(shard_optimizer_state(ckpt.optimizer, optimizer))
     scheduler.load_state_dict(ckpt.scheduler)
     if scaler is not None and ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)
     _set_rng_state(ckpt.rng)
-    from ftune.distributed import world
-
     if ckpt.rank_rng and len(ckpt.rank_rng) == world().world_size:  # the same processes: each its own stream
         _set_rng_state(ckpt.rank_rng[world().rank])
     if best is not None:

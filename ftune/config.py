@@ -222,7 +222,8 @@ class TrainerConfig:
     skip_nan_batches: bool = False
     progress: bool = True
     num_processes: int = ranged(1, AT_LEAST_1)  # >1: `ftune train` starts that many processes (torch.distributed.run)
-    distributed: str = "ddp"  # how several processes train: ddp (DistributedDataParallel)
+    distributed: str = "ddp"  # how several processes train: ddp (DistributedDataParallel) | fsdp (FSDP2, sharded)
+    fsdp_cpu_offload: bool = False  # fsdp on GPUs: parameters, gradients and optimizer states kept in CPU memory
 
 
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "dataset": DatasetConfig, "trainer": TrainerConfig}

@@ -5,8 +5,15 @@
 ``srun`` start them the same way from outside. Each process reads who it is from the environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT; or SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
 under srun), joins the process group (nccl on CUDA, gloo on CPU) and runs ftune/train.py's loop with
-the model wrapped in DistributedDataParallel. A rank that fails writes its one-paragraph error to
-``$FTUNE_ERROR_DIR/rank-<r>.txt``; the launcher started by ``trainer.num_processes`` prints it last.
+the model wrapped in DistributedDataParallel (``trainer.distributed=ddp``) or sharded by FSDP2
+(``trainer.distributed=fsdp``: ``fully_shard`` on each transformer block, then on the root). A rank
+that fails writes its one-paragraph error to ``$FTUNE_ERROR_DIR/rank-<r>.txt``; the launcher started
+by ``trainer.num_processes`` prints it last.
+
+Under FSDP2 every parameter is a DTensor holding this rank's slice. What leaves the loop (checkpoints,
+the saved adapter or weights) is gathered whole first, by every rank together, and written by rank 0
+in the same format as one process writes; a checkpoint read back is sliced again
+(:func:`whole_parameters`, :func:`whole_optimizer_state`, :func:`shard_like`).
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ftune.errors import FtuneError
 
@@ -141,6 +150,117 @@ def write_error(message: str, secondary: bool = False) -> bool:
     except OSError:
         return False
     return True
+
+
+def wrap(model: nn.Module, kind: str, device: torch.device, units: Sequence[nn.Module],
+         param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
+    """What the training steps call on several processes: the model in DistributedDataParallel (``ddp``), or
+    (``fsdp``) the model itself, sharded in place by FSDP2: each of ``units`` (the transformer blocks first,
+    inner modules before those that hold them), then the root. Build the optimizer after this: under FSDP2
+    the parameters become DTensors (this rank's slice).
+
+    ``param_dtype``: mixed precision, the dtype parameters are gathered and computed in (gradients are
+    reduced in float32); ``cpu_offload``: parameters, gradients and optimizer states live in CPU memory."""
+    if kind == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {
+        "mesh": init_device_mesh(device.type, (_WORLD.world_size,)),
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+    }
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)  # what no unit holds (without peft: embeddings, final norm, output layer)
+    return model
+
+
+def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's backward: whether it reduces gradients over processes (the step's last one does).
+
+    DDP: ``no_sync()`` otherwise. FSDP2: ``set_requires_gradient_sync(sync)``; unsynchronised gradients add up
+    unsharded, then the last backward reduce-scatters their sum once, as DDP all-reduces it once."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # an FSDPModule
+        module.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _is_sharded(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor | None:
+    """A sharded tensor (DTensor) gathered whole into rank 0's CPU memory, a collective (every rank calls it;
+    the others get None); any other tensor as it is."""
+    if not _is_sharded(t):
+        return t
+    t = t.detach()
+    if t.device.type != t.device_mesh.device_type:  # CPU offload: gathered on the GPU (nccl), then brought back
+        t = t.to(t.device_mesh.device_type)
+    full = t.full_tensor()
+    return full.cpu() if _WORLD.main else None
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) cut as ``like`` is: this rank's slice when ``like`` is a DTensor (each rank
+    holds the whole value, so no communication), ``value`` itself otherwise."""
+    if not _is_sharded(like):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.detach().to(device=like.device_mesh.device_type, dtype=like.dtype)
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to(like.device)
+
+
+@contextlib.contextmanager
+def whole_parameters(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
+    """FSDP2: within the block, rank 0's model holds every parameter whole (in CPU memory), so the method's
+    own save and the checkpoint write full tensors in the one-process format, never this rank's slice.
+
+    A collective: every rank enters it (the gathering), only rank 0 should write. ``trainable_only`` gathers
+    the parameters that require grad (all a checkpoint holds). Nothing happens without sharded parameters."""
+    found: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        if _is_sharded(p) and (p.requires_grad or not trainable_only):
+            full = whole(p)  # every rank, in the same order
+            if full is not None:
+                found[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
+    swapped = []
+    for module in model.modules():  # a tied weight is one parameter in two places: both get the same whole one
+        for leaf, p in list(module._parameters.items()):
+            if p is not None and id(p) in found:
+                swapped.append((module, leaf, p))
+                module._parameters[leaf] = found[id(p)]
+    try:
+        yield
+    finally:
+        for module, leaf, p in swapped:
+            module._parameters[leaf] = p
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with sharded states gathered whole: the one-process format (a collective;
+    only rank 0's holds the tensors)."""
+    state = optimizer.state_dict()
+    if not any(_is_sharded(v) for s in state["state"].values() for v in s.values()):
+        return state
+    return {**state, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in sorted(state["state"].items())}}
+
+
+def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A one-process optimizer state dict cut into this rank's slices where the parameters are sharded."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(_is_sharded(p) for p in params):
+        return state
+    return {**state, "state": {i: {k: shard_like(v, params[i]) if torch.is_tensor(v) and v.shape == params[i].shape
+                                   else v for k, v in s.items()} for i, s in state["state"].items()}}
 
 
 def check_launch(n: int, device_name: str) -> None:

@@ -215,11 +215,14 @@ def _batched_logits(model: nn.Module, examples: list[dict], collator: Collator, 
 def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator, task: str,
                       device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None,
                       target_logits: TargetLogits | None = None,
-                      reduce: Callable[[list[float]], list[float]] | None = None) -> dict:
+                      reduce: Callable[[list[float]], list[float]] | None = None,
+                      batches: tuple[int, dict] | None = None) -> dict:
     """Loss over ``examples`` and, for classification, accuracy. Keys are prefixed ``eval/``.
 
     ``target_logits``: the training run's hook on the output layer (a temporary one otherwise).
-    ``reduce``: sums (loss, targets, correct, examples) over processes, each of which scored its shard."""
+    ``reduce``: sums (loss, targets, correct, examples) over processes, each of which scored its shard.
+    ``batches``: (n, example): FSDP2, where a forward is a collective, runs n forwards on every process;
+    those beyond the shard's own batches forward ``example`` and are not counted."""
     was_training = model.training
     model.eval()
     loss_sum, n_targets, correct = 0.0, 0, 0
@@ -236,6 +239,11 @@ def evaluate_examples(model: nn.Module, examples: list[dict], collator: Collator
             n_targets += n
             if task == "seq_cls":
                 correct += int((outputs.logits.argmax(-1) == batch["labels"]).sum())
+        n_batches, filler = batches or (0, None)
+        for _ in range(n_batches - math.ceil(len(order) / batch_size)):
+            batch = {k: v.to(device) for k, v in collator([filler]).items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                scorer.forward(model, batch, task)
     finally:
         if own:
             scorer.remove()

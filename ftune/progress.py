@@ -62,7 +62,7 @@ def print_header(run, params: tuple[int, int]) -> None:
         f"{run.total_steps} steps × "
         + (f"packed rows of {pack_budget(t)} tokens" if t.packing else f"batch {t.batch_size}")
         + f" × accum {t.grad_accum}"
-        + (f" × {run.world.world_size} processes (ddp)" if run.world.enabled else "") + "  "
+        + (f" × {run.world.world_size} processes ({run.trainer.distributed})" if run.world.enabled else "") + "  "
         f"lr {run.cfg.optimizer.lr}  device {run.device}  precision "
         f"{str(run.autocast_dtype).replace('torch.', '') if run.autocast_dtype else 'fp32'}\n"
         f"  output {run.out}"

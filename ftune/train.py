@@ -8,7 +8,6 @@ through hooks (extra loss terms, after-step updates), never by forking this loop
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -84,7 +83,9 @@ class Run:
     target_logits: TargetLogits  # causal LM: logits only at positions with a target
     trackers: Trackers  # the `logger` group's experiment trackers (none by default)
     world: distributed.World  # this process among the run's processes (rank 0 of 1 alone)
-    ddp: torch.nn.Module  # what the training steps call: the model, in DistributedDataParallel on several processes
+    # what the training steps call: the model, in DistributedDataParallel on several processes (fsdp: the
+    # model itself, sharded in place)
+    ddp: torch.nn.Module
 
     def epoch_batches(self, lengths: list[int], epoch: int) -> list[dict[str, list[int]]]:
         """The micro-batches of ``epoch``: packed rows or padded batches of the training split ("train"),
@@ -200,9 +201,9 @@ def setup(cfg: DictConfig) -> Run:
     trackers = build_trackers(cfg)  # each chosen tracker's library imported now: a missing one is refused here
     if trainer.packing:
         check_packing_settings(task)
-    check_distributed(trainer, method, strategy, distributed.from_env())
     device = distributed.device_for(resolve_device(trainer.device), distributed.from_env())
     autocast_dtype = resolve_precision(trainer.precision, device)
+    check_distributed(trainer, method, strategy, distributed.from_env(), device, autocast_dtype)
     world = distributed.init(device)  # several processes: join the launcher's process group (nccl / gloo)
     if not world.main:  # rank 0 alone writes the run directory, logs, trackers and the console
         console.quiet = True
@@ -256,8 +257,9 @@ def setup(cfg: DictConfig) -> Run:
         compile_model(model, device)
     ddp = model
     if world.enabled:  # gradients averaged over processes in backward; hooks and saving use the model itself
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        # fsdp: sharded in place (each block, then the root), so the optimizer is built after this
+        ddp = distributed.wrap(model, trainer.distributed, device, fsdp_units(model) if trainer.distributed == "fsdp"
+                               else [], autocast_dtype, trainer.fsdp_cpu_offload)
 
     optimizer = build_optimizer(cfg, method, model, device, strategy)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
@@ -319,10 +321,13 @@ def train_loop(run: Run) -> dict[str, Any]:
     def checkpoint() -> Path:
         path = run.out / "checkpoints" / f"step-{loop.step:06d}"
         rank_rng = distributed.gather_objects(rng_state()) if world.enabled else None  # dropout differs by rank
-        if world.main:  # DDP's weights and optimizer states are the same on every rank
-            path = save_checkpoint(run.out / "checkpoints", loop, model, run.optimizer, run.scheduler, run.scaler,
-                                   run.method, identity(run), t.keep_checkpoints, best.to_save(loop), run.strategy,
-                                   rank_rng)
+        # DDP's weights and optimizer states are the same on every rank; FSDP's are gathered whole first
+        optimizer_state = distributed.whole_optimizer_state(run.optimizer)
+        with distributed.whole_parameters(model, trainable_only=True):
+            if world.main:
+                path = save_checkpoint(run.out / "checkpoints", loop, model, optimizer_state, run.scheduler,
+                                       run.scaler, run.method, identity(run), t.keep_checkpoints, best.to_save(loop),
+                                       run.strategy, rank_rng)
         distributed.barrier()
         return path
 
@@ -355,8 +360,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             for i, batch in enumerate(micro):
                 batch = to_device(batch, run.device)
                 # gradients are averaged over processes once per step, in the last micro-batch's backward
-                sync = run.ddp.no_sync() if world.enabled and i < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
+                with distributed.gradient_sync(run.ddp, i == len(micro) - 1):
                     with torch.autocast(run.device.type, dtype=run.autocast_dtype,
                                         enabled=run.autocast_dtype is not None):
                         outputs, loss_sum, _ = run.target_logits.forward(run.ddp, batch, run.data.task)
@@ -533,9 +537,12 @@ def evaluate(run: Run, score: bool = False) -> dict[str, float]:
     t = run.trainer
     batch_size = t.eval_batch_size or t.batch_size * 2
     w = run.world  # several processes: each scores its shard, the sums are added up over processes
+    # fsdp: a forward is a collective (it gathers each block's weights), so every process runs as many
+    lockstep = math.ceil(math.ceil(len(run.data.eval) / w.world_size) / batch_size) if t.distributed == "fsdp" else 0
     metrics = evaluate_examples(run.model, run.data.eval[w.rank::w.world_size], run.eval_collator, run.data.task,
                                 run.device, batch_size, run.autocast_dtype, run.target_logits,
-                                reduce=(lambda v: distributed.all_sum(v, run.device)) if w.enabled else None)
+                                reduce=(lambda v: distributed.all_sum(v, run.device)) if w.enabled else None,
+                                batches=(lockstep, run.data.eval[0]) if w.enabled and lockstep else None)
     if score and t.eval_scorer:
         was_training = run.model.training
         scores, _ = score_examples(run.model, run.tokenizer, run.data.eval, t.eval_scorer, t.eval_max_new_tokens,
@@ -588,13 +595,25 @@ class NoLog:
         pass
 
 
-def check_distributed(t: TrainerConfig, method: Method, strategy: Strategy, world: distributed.World) -> None:
-    """What several processes cannot train (yet), refused with the reason before any process group exists."""
-    if t.distributed != "ddp":
+def check_distributed(t: TrainerConfig, method: Method, strategy: Strategy, world: distributed.World,
+                      device: torch.device | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+    """What several processes cannot train (yet), refused with the reason before any process group exists.
+
+    ``device`` and ``autocast_dtype``, once resolved (in each process), check what trainer.device=auto and
+    trainer.precision=auto turned out to be."""
+    if t.distributed not in ("ddp", "fsdp"):
         raise FtuneError(f"Unknown trainer.distributed={t.distributed}; ftune trains several processes with "
-                         f"trainer.distributed=ddp (DistributedDataParallel), the default.")
+                         f"trainer.distributed=ddp (DistributedDataParallel, the default) or trainer.distributed=fsdp "
+                         f"(FSDP2: parameters, gradients and optimizer states sharded over the processes).")
+    sharded = t.distributed == "fsdp" and (world.enabled or t.num_processes > 1)
+    if t.fsdp_cpu_offload and not sharded:
+        raise FtuneError(f"trainer.fsdp_cpu_offload=true keeps FSDP2's shards in CPU memory, and this run is not "
+                         f"sharded ({'one process' if t.distributed == 'fsdp' else f'trainer.distributed={t.distributed}'}): "
+                         f"use trainer.distributed=fsdp with trainer.num_processes>1, or drop trainer.fsdp_cpu_offload.")
     if not world.enabled and t.num_processes == 1:
         return
+    if t.distributed == "fsdp":
+        check_fsdp(t, method, device, autocast_dtype)
     if strategy.name != "none":
         raise FtuneError(f"strategy={strategy.name} runs on one process only for now: its own models, modules and loss sums "
                          f"are not shared between processes. Use trainer.num_processes=1.")
@@ -602,6 +621,49 @@ def check_distributed(t: TrainerConfig, method: Method, strategy: Strategy, worl
         raise FtuneError("method.schedule=gradual unfreezes blocks during training, and DistributedDataParallel "
                          "only synchronises the parameters that train from the start, so the processes' weights "
                          "would drift apart. Use trainer.num_processes=1 or method.schedule=none.")
+
+
+def check_fsdp(t: TrainerConfig, method: Method, device: torch.device | None,
+               autocast_dtype: torch.dtype | None) -> None:
+    """What FSDP2 cannot shard (yet), each refused with the reason; DDP trains all of them."""
+    def refuse(what: str, why: str, fix: str = "") -> FtuneError:
+        return FtuneError(f"trainer.distributed=fsdp cannot train {what}: {why}. Use trainer.distributed=ddp, "
+                          f"which keeps a whole copy of the model on each process{fix}.")
+
+    reason = method.fsdp_refusal()
+    if reason:
+        raise refuse(f"method={method.name}", reason)
+    if t.keep_best:
+        raise refuse("with trainer.keep_best=true", "the best evaluation's trainable tensors are kept as whole "
+                     "tensors on each process, and FSDP2 holds only each process's slice of them",
+                     ", or drop trainer.keep_best (early stopping works without it)")
+    if t.compile:
+        raise refuse("with trainer.compile=true", "compiling the model around FSDP2's sharded blocks is not "
+                     "supported by ftune yet", ", or drop trainer.compile")
+    if t.precision == "fp16" or autocast_dtype == torch.float16:
+        raise refuse("in fp16", "fp16 needs a gradient scaler that agrees over processes on skipped steps, and "
+                     "ftune's does not do that for sharded gradients",
+                     ", or trainer.precision=bf16 (on GPUs since Ampere) or fp32 with fsdp")
+    on_cpu = t.device == "cpu" or (device is not None and device.type == "cpu")
+    if t.fsdp_cpu_offload and on_cpu:
+        raise FtuneError("trainer.fsdp_cpu_offload=true moves the shards of GPU processes into CPU memory, and these "
+                         "processes train on the CPU already (trainer.device=cpu, or no GPU found): drop "
+                         "trainer.fsdp_cpu_offload.")
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What FSDP2 shards one by one, below the root: each transformer block (gathered only while it computes)
+    and, under a peft wrapper, the transformers model itself, which ``generate`` calls directly (so it
+    gathers the embeddings and output layer it holds). Without blocks found, the model is one unit
+    (correct, without the memory saving)."""
+    from ftune.methods.selective import transformer_blocks
+
+    try:
+        units = list(transformer_blocks(model)[1])
+    except FtuneError:
+        units = []
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return units + ([inner] if inner is not model else [])
 
 
 class MemoryMeter:
@@ -634,8 +696,9 @@ def current_rss_mb() -> float:
 
 def finish(run: Run, metrics: dict[str, Any]) -> None:
     """Write the trained weights, tokenizer, metrics, plot and model card to the run directory (and trackers)."""
-    if run.world.main:
-        write_outputs(run, metrics)
+    with distributed.whole_parameters(run.model):  # fsdp: every rank gathers, rank 0 saves whole tensors
+        if run.world.main:
+            write_outputs(run, metrics)
     distributed.barrier()
 
 

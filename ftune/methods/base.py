@@ -12,6 +12,7 @@ Hooks, in the order the trainer calls them::
     groups = method.param_groups(model, lr)      # optimizer parameter groups (LoRA+ overrides), all made up
                                                  # front: a parameter frozen now but trained later (gradual
                                                  # unfreezing) is in a group and gets no grad until then
+    method.fsdp_refusal()                        # why it cannot train sharded (trainer.distributed=fsdp), or None
     method.header_lines(total_steps)             # lines for the run header (e.g. the unfreezing schedule)
     ... per micro-batch: loss = task loss + method.extra_loss(model, batch, outputs, step)
     ... per optimizer step: method.after_backward(model, step) before optimizer.step(),
@@ -95,6 +96,11 @@ class Method:
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; by default every trainable parameter at ``lr``."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def fsdp_refusal(self) -> str | None:
+        """Why this method cannot train with its parameters sharded by FSDP2 (``trainer.distributed=fsdp``),
+        as the middle of the error paragraph; None when it can."""
+        return None
 
     # --- training hooks -------------------------------------------------------------------
     def extra_loss(self, model: nn.Module, batch: dict, outputs: Any, step: int) -> torch.Tensor | None:

@@ -120,6 +120,12 @@ class Lora(UnfreezesGradually, PeftMethod):
         """Whether the base model is quantized to 4 bits before the adapter is added."""
         return bool(getattr(self.settings, "quantize", False))
 
+    def fsdp_refusal(self):
+        if self.quantized:
+            return ("its base weights are 4-bit bitsandbytes tensors, and FSDP2 shards parameters as plain tensors: "
+                    "the 4-bit quantization state would be dropped")
+        return None
+
     def lora_kwargs(self, ctx: MethodContext) -> dict:
         s = self.settings
         target = as_targets(s.target_modules)
@@ -253,6 +259,11 @@ class Pissa(Lora):
                                       for k, v in get_peft_model_state_dict(model).items()}
         return model
 
+    def fsdp_refusal(self):
+        return ("its save converts the trained adapter by loading the initial one into the model beside it, and "
+                "loading weights into an FSDP2 model goes through FSDP2's own hooks, which expect each process's "
+                "slice, not the whole tensors that the save works on")
+
     def save(self, model, out_dir: Path) -> None:
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import load_file, save_file
@@ -364,6 +375,11 @@ class AdaLora(PeftMethod):
 
     settings_cls = AdaLoraSettings
     mergeable = True
+
+    def fsdp_refusal(self):
+        return ("its rank allocator reads and masks whole lora_A, lora_E and lora_B tensors and their gradients "
+                "after every step, and its orthogonality loss reads them outside the forward, while FSDP2 holds "
+                "only each process's slice of them")
 
     def check(self, model, ctx):
         s = self.settings

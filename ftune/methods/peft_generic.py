@@ -107,6 +107,11 @@ class GenericPeft(PeftMethod):
         self.uses_cache = key in CACHE_TYPES
         self.mergeable = (not self.prompt_learning) and supports_merge(key)
 
+    def fsdp_refusal(self):
+        from ftune.methods.prompts import PROMPT_FSDP
+
+        return PROMPT_FSDP if self.prompt_learning else None
+
     def check(self, model, ctx):
         known = {f.name for f in dataclasses.fields(self.config_cls)}
         unknown = sorted(set(self.settings.config or {}) - known)

@@ -136,6 +136,12 @@ def patch_for_prompt_learning(model: nn.Module, ctx: MethodContext, uses_cache: 
         pool_by_attention_mask(model)
 
 
+# why prompt-learning methods are refused under trainer.distributed=fsdp (peft_generic's prompt types too)
+PROMPT_FSDP = ("its few trained tensors are virtual-token embeddings (or prefix keys and values) that peft's "
+               "prompt encoder joins to the input outside the transformer blocks; sharding them saves no memory "
+               "and ftune does not shard that path")
+
+
 class PromptLearning(PeftMethod):
     """Shared by the prompt-learning methods: checks, shims, peft save/load, no merge."""
 
@@ -148,6 +154,9 @@ class PromptLearning(PeftMethod):
 
     def peft_kwargs(self, model: nn.Module, ctx: MethodContext) -> dict:
         raise NotImplementedError
+
+    def fsdp_refusal(self):
+        return PROMPT_FSDP
 
     def peft_config_cls(self):
         raise NotImplementedError

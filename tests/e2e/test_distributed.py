@@ -1,14 +1,16 @@
-"""Several processes (DDP on CPU, gloo): real `ftune train` runs with trainer.num_processes=2 and torchrun.
+"""Several processes (DDP and FSDP2 on CPU, gloo): real `ftune train` runs with trainer.num_processes=2 and torchrun.
 
 A 2-process run with trainer.batch_size=B must train on the same examples per optimizer step as a
 1-process run with batch_size=B and grad_accum=2, so its loss curve, evaluations and final weights
-match that run's (within 1e-5). Each 2-process run costs 10-20 s of CPU here.
+match that run's (within 1e-5), with trainer.distributed=ddp and with fsdp (FSDP2, each rank holding
+a slice of every tensor). Each 2-process run costs 10-20 s of CPU here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,26 +72,38 @@ def assert_same_run(a: Path, b: Path, after_step: int = 0) -> None:
     assert abs(ma["eval/loss"] - mb["eval/loss"]) < TOL
 
 
-def test_two_processes_train_like_one_with_accumulation(tmp_path):
-    """trainer.num_processes=2, batch 2 == one process, batch 2 x grad_accum 2: losses, evals, weights; the
-    adapter is whole and loads with peft; rank 0 alone wrote the run directory."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    started = time.monotonic()
-    r2 = ftune(*BASE, "trainer.num_processes=2", f"output_dir={two}")
-    t2 = time.monotonic() - started
-    assert r2.returncode == 0, r2.stdout + r2.stderr
-    assert "× 2 processes (ddp)" in r2.stdout
-    assert r2.stdout.count("ftune train  model") == 1  # one header, one metrics table: rank 0 prints
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference LoRA run: one process, batch 2 x grad_accum 2."""
+    one = tmp_path_factory.mktemp("reference") / "one"
     started = time.monotonic()
     r1 = ftune(*BASE, "trainer.grad_accum=2", f"output_dir={one}")
-    t1 = time.monotonic() - started
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    print(f"2 processes {t2:.1f} s, 1 process x grad_accum 2 {t1:.1f} s")
+    print(f"1 process x grad_accum 2: {time.monotonic() - started:.1f} s")
+    return one
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_accumulation(kind, one_process, tmp_path):
+    """trainer.num_processes=2, batch 2 == one process, batch 2 x grad_accum 2: losses, evals, weights; the
+    adapter is whole (fsdp: gathered from the ranks' slices) and loads with peft; rank 0 alone wrote the run
+    directory."""
+    two, one = tmp_path / "two", one_process
+    started = time.monotonic()
+    r2 = ftune(*BASE, "trainer.num_processes=2", f"trainer.distributed={kind}", f"output_dir={two}")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    print(f"2 processes ({kind}): {time.monotonic() - started:.1f} s")
+    assert f"× 2 processes ({kind})" in r2.stdout
+    assert r2.stdout.count("ftune train  model") == 1  # one header, one metrics table: rank 0 prints
     assert_same_run(two, one)
     steps = [r["step"] for r in rows(two) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once (not once per rank)
     assert any("eval/loss" in r and r["step"] == 3 for r in rows(two))  # the sharded evaluation during training
+    assert_loads_whole(two, one)
 
+
+def assert_loads_whole(two: Path, one: Path) -> None:
+    """The adapter of ``two`` loads with PeftModel.from_pretrained: whole tensors, equal to those of ``one``."""
     from peft import PeftModel, get_peft_model_state_dict
 
     from ftune.config import validate_group
@@ -130,6 +144,26 @@ def test_full_fine_tuning_under_torchrun_equals_one_process(tmp_path):
     r1 = ftune(*args, "trainer.grad_accum=2", f"output_dir={one}")
     assert r1.returncode == 0, r1.stdout + r1.stderr
     assert_same_run(two, one)
+
+
+def test_fsdp_full_fine_tuning_resumes_on_two_and_on_one_process(tmp_path):
+    """FSDP2, full fine-tuning: SIGTERM mid-run saves a checkpoint gathered from the ranks' slices; resume=auto
+    on 2 processes and (a copy) on 1 process with grad_accum=2 both end as the uninterrupted 1-process run:
+    the same losses before and after the interruption, the same final weights (within 1e-5)."""
+    args = [a for a in BASE if not a.startswith("method")] + [
+        "method=full", "optimizer.lr=1e-4", "trainer.max_steps=8", "trainer.save_every=2", "trainer.distributed=fsdp"]
+    ref = tmp_path / "ref"
+    r = ftune(*args, "trainer.grad_accum=2", f"output_dir={ref}")  # one process: fsdp does not apply
+    assert r.returncode == 0, r.stdout + r.stderr
+    out, alone = tmp_path / "fsdp", tmp_path / "alone"
+    code, text = interrupted(args, out, kill_rank=False)
+    assert code != 0 and "Interrupted by signal 15" in text.strip().splitlines()[-1], text
+    shutil.copytree(out, alone)
+    for where, more in ((out, ["trainer.num_processes=2"]), (alone, ["trainer.grad_accum=2"])):
+        r = ftune(*args, *more, f"output_dir={where}", "resume=auto")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Resuming from" in r.stdout
+        assert_same_run(where, ref)
 
 
 def children(pid: int) -> list[int]:
