@@ -118,6 +118,18 @@ def assert_loads_whole(two: Path, one: Path) -> None:
         assert float((value - saved[name]).abs().max()) < TOL
 
 
+def test_accelerate_launch_trains_like_one_process(one_process, tmp_path):
+    """Started by `accelerate launch` (2 processes, its multi-process launcher on CPU): ftune finds its place
+    from the environment accelerate sets and trains the same run as one process with grad_accum=2."""
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "ftune", *BASE,
+                        f"output_dir={two}"], env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "× 2 processes (ddp)" in r.stdout
+    assert_same_run(two, one_process)
+
+
 def test_bad_input_on_one_rank_ends_both_with_the_message(tmp_path):
     """Rank 1 reads a data file that does not exist: both processes end (no hang), exit 2, the paragraph last."""
     data = tmp_path / "data0.jsonl"
