@@ -83,7 +83,9 @@ def one_process(tmp_path_factory) -> Path:
     return one
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+# DDP started by trainer.num_processes is the slow variant: test_accelerate_launch_trains_like_one_process
+# checks the same DDP run started by accelerate (the default suite keeps one 2-process DDP equality test)
+@pytest.mark.parametrize("kind", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_processes_train_like_one_with_accumulation(kind, one_process, tmp_path):
     """trainer.num_processes=2, batch 2 == one process, batch 2 x grad_accum 2: losses, evals, weights; the
     adapter is whole (fsdp: gathered from the ranks' slices) and loads with peft; rank 0 alone wrote the run

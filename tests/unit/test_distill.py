@@ -417,7 +417,7 @@ def bert_teacher(make_cfg) -> tuple[list[str], str]:
     return bert, teacher.output_dir
 
 
-@pytest.mark.parametrize("case", ["causal", "packed", "classifier"])
+@pytest.mark.parametrize("case", ["causal", pytest.param("packed", marks=pytest.mark.slow), "classifier"])
 def test_cached_teacher_logits_give_the_live_teachers_loss_and_weights(make_cfg, case):
     """Cached (strategy.cache_teacher=true) and live teacher: the same loss at every step and the same weights,
     over two epochs (the second reshuffles the batches; the cache is keyed by example, not batch position)."""
