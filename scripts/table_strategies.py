@@ -14,7 +14,7 @@ Every training run is the real CLI in its own process, one after the other:
            process, interleaved, best of 3 passes) and the speed-up over the teacher.
   domain   source only (recipes/sst2_reviews_minilm_dann with strategy.domain_weight=0), continued
            pretraining then fine-tuning (recipes/sst2_reviews_minilm_domain_adapt), DANN
-           (recipes/sst2_reviews_minilm_dann). Columns: accuracy on the target domain's eval file
+           (recipes/sst2_reviews_minilm_dann) with the domain loss at full weight and at the recipe's 0.1. Columns: accuracy on the target domain's eval file
            (`ftune eval run=... dataset=sentiment`, the same for all three), SST-2 dev accuracy, the
            DANN domain classifier's accuracy over training.
   causal   recipes/trec_smollm2_distill: the TREC LoRA run of scripts/table_trec_smollm2.py (its
@@ -124,7 +124,10 @@ def domain_table(work: Path, sst2: Path) -> str:
                                           ["recipes=sst2_reviews_minilm_dann", "strategy.domain_weight=0"]),
             "continued pretraining (MLM on reviews) then SST-2": (work / "domain_continued",
                                                                   ["recipes=sst2_reviews_minilm_domain_adapt"]),
-            "DANN (gamma=10)": (work / "domain_dann", ["recipes=sst2_reviews_minilm_dann"])}
+            "DANN (gamma=10), domain_weight=1": (work / "domain_dann",
+                                                 ["recipes=sst2_reviews_minilm_dann", "strategy.domain_weight=1.0"]),
+            "DANN (gamma=10), domain_weight=0.1 (the recipe)": (work / "domain_dann_w01",
+                                                                ["recipes=sst2_reviews_minilm_dann"])}
     rows = []
     for name, (out, overrides) in runs.items():
         m = train(out, *overrides, *data)
