@@ -166,3 +166,20 @@ def test_impossible_numbers_are_all_refused_in_one_paragraph():
     assert "\n" not in message and message.startswith("Invalid settings: ")
     for expected in filter(None, bad.values()):
         assert expected in message
+
+
+RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_compose_and_pass_the_checks_of_a_run(name):
+    """Each recipe composes as `ftune train recipes=<name>` would, and its settings pass every check a run
+    makes before it loads anything (types, ranges, method and strategy settings)."""
+    from ftune.config import recipes_dir
+    from ftune.train import checked_settings
+
+    # as `ftune train` does (--config-dir): the folder holding recipes/ makes it the `recipes` group
+    cfg = compose_train([f"hydra.searchpath=[file://{recipes_dir().parent}]", f"recipes={name}"], Path("/tmp/unused"),
+                        small=False)
+    trainer, model, dataset, method, strategy = checked_settings(cfg)
+    assert trainer.max_steps or trainer.epochs  # a recipe says how long it trains
