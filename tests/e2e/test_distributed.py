@@ -83,8 +83,8 @@ def one_process(tmp_path_factory) -> Path:
     return one
 
 
-# DDP started by trainer.num_processes is the slow variant: test_accelerate_launch_trains_like_one_process
-# checks the same DDP run started by accelerate (the default suite keeps one 2-process DDP equality test)
+# DDP started by trainer.num_processes is the slow variant: the default suite's 2-process DDP equality test is
+# test_accelerate_launch_stops_early_and_keeps_the_best_like_one_process
 @pytest.mark.parametrize("kind", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_processes_train_like_one_with_accumulation(kind, one_process, tmp_path):
     """trainer.num_processes=2, batch 2 == one process, batch 2 x grad_accum 2: losses, evals, weights; the
@@ -120,16 +120,26 @@ def assert_loads_whole(two: Path, one: Path) -> None:
         assert float((value - saved[name]).abs().max()) < TOL
 
 
-def test_accelerate_launch_trains_like_one_process(one_process, tmp_path):
-    """Started by `accelerate launch` (2 processes, its multi-process launcher on CPU): ftune finds its place
-    from the environment accelerate sets and trains the same run as one process with grad_accum=2."""
-    two = tmp_path / "two"
+def test_accelerate_launch_stops_early_and_keeps_the_best_like_one_process(tmp_path):
+    """Started by `accelerate launch` (2 processes, its multi-process launcher on CPU), with early stopping
+    and keep_best: the processes stop at the same step as one process with grad_accum=2, keep the same best
+    step, and end with the same losses and weights. (The eval loss falls at every evaluation here, so
+    greater_is_better=true makes each one worse than the first: best step 2, stop at step 6 of 16.)"""
+    args = [a for a in BASE if not a.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
+        "scheduler=constant", "optimizer.lr=0.3", "trainer.max_steps=16", "trainer.eval_every=2",
+        "trainer.early_stopping_patience=2", "trainer.keep_best=true", "trainer.greater_is_better=true"]
+    two, one = tmp_path / "two", tmp_path / "one"
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "ftune", *BASE,
+                        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "ftune", *args,
                         f"output_dir={two}"], env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "× 2 processes (ddp)" in r.stdout
-    assert_same_run(two, one_process)
+    r1 = ftune(*args, "trainer.grad_accum=2", f"output_dir={one}")
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    assert_same_run(two, one)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
+    assert ma["stopped_early_at_step"] == mb["stopped_early_at_step"] == 6
+    assert ma["best_step"] == mb["best_step"] == ma["weights_from_step"] == 2
 
 
 def test_bad_input_on_one_rank_ends_both_with_the_message(tmp_path):
