@@ -181,19 +181,24 @@ finally:
 """
 
 
-def test_bitsandbytes_is_imported_only_by_runs_that_use_it(tmp_path):
+def bnb_imported(*args: str) -> bool:
+    """Whether `ftune <args>` (in its own process, exit code 0) imported bitsandbytes."""
     import subprocess
     import sys
 
-    def imported(*args: str) -> bool:
-        res = subprocess.run([sys.executable, "-c", IMPORTED, "train", *TINY, "trainer.max_steps=1", *args],
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout + res.stderr
-        return "bitsandbytes imported: True" in res.stdout
+    res = subprocess.run([sys.executable, "-c", IMPORTED, *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return "bitsandbytes imported: True" in res.stdout
 
-    assert not imported("method=lora", f"output_dir={tmp_path / 'lora'}")
-    assert imported("method=qlora", f"output_dir={tmp_path / 'qlora'}")
-    assert imported("method=lora", "optimizer=adamw_8bit", f"output_dir={tmp_path / 'adam8'}")
-    # eval of a 4-bit run needs it, eval of a LoRA run does not
-    assert subprocess.run([sys.executable, "-c", IMPORTED, "eval", f"run={tmp_path / 'lora'}"], capture_output=True,
-                          text=True, timeout=600).stdout.rstrip().endswith("bitsandbytes imported: False")
+
+def test_bitsandbytes_is_imported_only_by_runs_that_use_it(tmp_path):
+    assert not bnb_imported("train", *TINY, "trainer.max_steps=1", "method=lora", f"output_dir={tmp_path / 'lora'}")
+    assert bnb_imported("train", *TINY, "trainer.max_steps=1", "method=qlora", f"output_dir={tmp_path / 'qlora'}")
+
+
+@pytest.mark.slow
+def test_bitsandbytes_is_imported_by_the_8bit_optimizer_and_not_by_eval_of_a_lora_run(tmp_path):
+    assert bnb_imported("train", *TINY, "trainer.max_steps=1", "method=lora", "optimizer=adamw_8bit",
+                        f"output_dir={tmp_path / 'adam8'}")
+    assert not bnb_imported("train", *TINY, "trainer.max_steps=1", "method=lora", f"output_dir={tmp_path / 'lora'}")
+    assert not bnb_imported("eval", f"run={tmp_path / 'lora'}")  # eval of a LoRA run does not need it

@@ -170,6 +170,7 @@ def test_full_fine_tuning_under_torchrun_equals_one_process(tmp_path):
     assert_same_run(two, one)
 
 
+@pytest.mark.slow  # 45 s; the default suite's FSDP2 test checks the gathered save (2 processes vs 1)
 def test_fsdp_full_fine_tuning_resumes_on_two_and_on_one_process(tmp_path):
     """FSDP2, full fine-tuning: SIGTERM mid-run saves a checkpoint gathered from the ranks' slices; resume=auto
     on 2 processes and (a copy) on 1 process with grad_accum=2 both end as the uninterrupted 1-process run:
