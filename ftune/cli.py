@@ -4,6 +4,7 @@
     ftune eval run=runs/x              evaluate a run (or model=<config> dataset=<config>: a base model)
     ftune merge run=runs/x out=DIR     a standalone transformers model directory
     ftune generate run=runs/x prompt=  sample from a causal-LM run
+    ftune export run=runs/x format=gguf|ollama|onnx out=DIR   files for llama.cpp, Ollama, ONNX Runtime
     ftune compare DIR [DIR ...]        table + plot across runs (plain paths, not a Hydra app)
     ftune --help                       this list
 """
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "evaluate a run: ftune eval run=runs/x [dataset=sst2] | a base model: model=minilm dataset=sentiment"),
     "merge": ("merge", "merge a run into a standalone model: ftune merge run=runs/x out=models/x-merged"),
     "generate": ("generate", 'complete a prompt with a causal-LM run: ftune generate run=runs/x prompt="..."'),
+    "export": ("export", "export a run, checked by reloading: ftune export run=runs/x format=gguf|ollama|onnx quant=q8_0 out=DIR"),
     "compare": ("", "compare runs: ftune compare runs/sweep [runs/y ...] [out=DIR] [metric=eval/loss]"),
 }
 PLAIN_COMMANDS = ("compare",)  # take plain paths (a sweep dir is positional), not Hydra overrides
@@ -252,6 +254,12 @@ def _merge(cfg) -> None:
     run_merge(cfg)
 
 
+def _export(cfg) -> None:
+    from ftune.export import run_export
+
+    run_export(cfg)
+
+
 def _generate(cfg) -> None:
     from ftune.generate import run_generate
 
@@ -259,10 +267,10 @@ def _generate(cfg) -> None:
 
 
 JOBS: dict[str, Callable] = {"train": _train_job, "eval": _job(_eval), "merge": _job(_merge),
-                             "generate": _job(_generate)}
+                             "generate": _job(_generate), "export": _job(_export)}
 
 # generate's free-text values are quoted for Hydra, so commas, colons and brackets stay text
-FREE_TEXT_KEYS = {"generate": ("prompt", "input", "system")}
+FREE_TEXT_KEYS = {"generate": ("prompt", "input", "system"), "export": ("system",)}
 
 
 def _quote_free_text(command: str, argv: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -151,34 +151,43 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def merge_run(run: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "cpu",
-              tolerance: float | None = None, check_examples: int = 4, check_max_length: int = 128,
-              dtype: str = "float32", save_dtype: str = "auto", max_shard_size: str = "5GB") -> dict[str, Any]:
-    """Merge run ``run`` into a standalone model directory ``out``; returns what it measured."""
-    from ftune.config import validate_group
-    from ftune.data.formats import chat_template_for
+class MergedRun(NamedTuple):
+    """A run merged in memory and checked against base+adapter (what :func:`merge_in_memory` returns)."""
+
+    model: nn.Module
+    tokenizer: Any
+    method: Any
+    cfg: Any
+    task: str
+    label_names: list[str]
+    batch: dict[str, torch.Tensor]  # the real examples the check ran on
+    max_abs_diff: float
+    tolerance: float
+    qlora: bool
+
+
+def merge_in_memory(run: str | Path, *, device: str = "cpu", tolerance: float | None = None,
+                    check_examples: int = 4, check_max_length: int = 128, dtype: str = "float32",
+                    before_loading: Callable[[Any, Any], None] | None = None) -> MergedRun:
+    """Load run ``run``, fold its weights into the base and check the merged logits; nothing is written.
+
+    ``before_loading(run_cfg, method)`` runs once the run's config is read, before any weight is loaded
+    (``ftune export`` refuses architectures it cannot write there).
+    """
     from ftune.methods.base import build_method
     from ftune.methods.lora import PeftMethod
     from ftune.progress import console
     from ftune.runs import check_run_dir, is_quantized, load_run, run_config
 
-    started = time.perf_counter()
-    if out is None or str(out) in ("", "???"):
-        raise FtuneError("Pass the directory for the merged model: `ftune merge run=runs/x out=models/x-merged`.")
     run_dir = check_run_dir(run)
     run_cfg = run_config(run_dir)
     method = build_method(run_cfg.method)
     if not method.mergeable:
         raise not_mergeable_error(method)
-    out = Path(str(out)).expanduser()
-    check_out_dir(out, run_dir, overwrite)
     if dtype not in DTYPES:
         raise FtuneError(f"dtype must be one of {', '.join(DTYPES)} (got '{dtype}').")
-    model_cfg = validate_group(run_cfg, "model")
-    if save_dtype == "auto":
-        save_dtype = model_cfg.dtype if model_cfg.dtype in DTYPES else "float32"
-    if save_dtype not in DTYPES:
-        raise FtuneError(f"save_dtype must be auto or one of {', '.join(DTYPES)} (got '{save_dtype}').")
+    if before_loading is not None:
+        before_loading(run_cfg, method)
     if tolerance is None:
         tolerance = 1e-4 if dtype == "float32" else 5e-2
     qlora = is_quantized(method)  # qlora, or a LoRA variant with method.quantize=true
@@ -212,16 +221,53 @@ def merge_run(run: str | Path, out: str | Path, *, overwrite: bool = False, devi
     if not diff <= allowed:
         raise MergeCheckFailed(
             f"The merged model's logits differ from base+adapter's by {diff:.3g} (more than {allowed:.3g}); the "
-            f"merge is wrong, so nothing was written to {out}. Report this with the run's config.yaml; meanwhile "
+            f"merge is wrong, so nothing was written. Report this with the run's config.yaml; meanwhile "
             f"`ftune eval`/`ftune generate` load the adapter on the fly."
         )
+    return MergedRun(merged, tokenizer, method, run_cfg, task, label_names, batch, diff, allowed, qlora)
 
-    removed = clean_config(merged)
-    merged.to(DTYPES[save_dtype])
+
+def keep_training_chat_template(tokenizer, run_cfg, task: str) -> None:
+    """A causal-LM run trained with ftune's chat template keeps it in the saved tokenizer."""
+    from ftune.config import validate_group
+    from ftune.data.formats import chat_template_for
+
     if task == "causal_lm" and not getattr(tokenizer, "chat_template", None):
         data_cfg = validate_group(run_cfg, "dataset")
         if data_cfg.format == "chat" or data_cfg.prompt_template == "chat":  # keep the template it trained with
-            tokenizer.chat_template = chat_template_for(tokenizer, model_cfg.chat_template)
+            tokenizer.chat_template = chat_template_for(tokenizer, validate_group(run_cfg, "model").chat_template)
+
+
+def merge_run(run: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "cpu",
+              tolerance: float | None = None, check_examples: int = 4, check_max_length: int = 128,
+              dtype: str = "float32", save_dtype: str = "auto", max_shard_size: str = "5GB") -> dict[str, Any]:
+    """Merge run ``run`` into a standalone model directory ``out``; returns what it measured."""
+    from ftune.config import validate_group
+    from ftune.progress import console
+    from ftune.runs import check_run_dir
+
+    started = time.perf_counter()
+    if out is None or str(out) in ("", "???"):
+        raise FtuneError("Pass the directory for the merged model: `ftune merge run=runs/x out=models/x-merged`.")
+    run_dir = check_run_dir(run)
+    out = Path(str(out)).expanduser()
+
+    def check_settings(run_cfg, method) -> None:
+        nonlocal save_dtype
+        check_out_dir(out, run_dir, overwrite)
+        if save_dtype == "auto":
+            model_dtype = validate_group(run_cfg, "model").dtype
+            save_dtype = model_dtype if model_dtype in DTYPES else "float32"
+        if save_dtype not in DTYPES:
+            raise FtuneError(f"save_dtype must be auto or one of {', '.join(DTYPES)} (got '{save_dtype}').")
+
+    merged, tokenizer, method, run_cfg, task, _, _, diff, allowed, qlora = merge_in_memory(
+        run, device=device, tolerance=tolerance, check_examples=check_examples, check_max_length=check_max_length,
+        dtype=dtype, before_loading=check_settings)
+
+    removed = clean_config(merged)
+    merged.to(DTYPES[save_dtype])
+    keep_training_chat_template(tokenizer, run_cfg, task)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.ftune-tmp-{os.getpid()}")
     try:
