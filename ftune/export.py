@@ -31,6 +31,7 @@ section saying how to use what was written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -371,7 +372,8 @@ def _chat_pieces(tokenizer, add_bos: bool) -> dict[str, Any] | None:
             if pieces["system"] and pieces["system"][0].startswith(bos):
                 pieces["system"] = (pieces["system"][0][len(bos):], pieces["system"][1])
         # the check: the pieces rebuild the template's own rendering
-        convo = [("user", "Hi there"), ("assistant", "Hello!"), ("user", "What is 2+2?")]
+        convo = [("user", "Hi there"), ("assistant", "Hello!"), ("user", "What is 2+2?"), ("assistant", "4"),
+                 ("user", "And 3+3?")]
 
         def rebuild(start: str) -> str:
             roles = {"user": pieces["user"], "assistant": pieces["assistant"]}
@@ -555,6 +557,7 @@ def export_run(run: str | Path, out: str | Path, *, format: str = "gguf", quant:
     name = str(name) if name else re.sub(r"[^a-z0-9._-]+", "-", run_dir.resolve().name.lower()).strip("-") or "model"
     result: dict[str, Any] = {"run": str(run), "out": str(out), "format": fmt, "method": method.name, "task": task,
                               "merge_max_abs_diff": merge_diff, "check_examples": int(batch["input_ids"].shape[0])}
+    made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # taken back if the export fails
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.ftune-tmp-{os.getpid()}")
     if tmp.exists():
@@ -573,6 +576,9 @@ def export_run(run: str | Path, out: str | Path, *, format: str = "gguf", quant:
         _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     result["seconds"]["total"] = time.perf_counter() - started
     _update_card(run_dir, out, card)
