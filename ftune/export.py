@@ -524,7 +524,8 @@ def _update_card(run_dir: Path, out: Path, text: str) -> None:
         old = head + rest.partition(end)[2].lstrip("\n")
     if "## Export" not in old:
         old = old.rstrip("\n") + "\n\n## Export\n\n"
-    card.write_text(old.rstrip("\n") + "\n\n" + block)
+    with contextlib.suppress(OSError):  # a read-only run directory: the export itself is done
+        card.write_text(old.rstrip("\n") + "\n\n" + block)
 
 
 def export_run(run: str | Path, out: str | Path, *, format: str = "gguf", quant: str = "f16",
@@ -665,7 +666,7 @@ def _export_onnx(merged, tokenizer, task: str, label_names: list[str], batch, tm
     from ftune.merge import logits_of
     from ftune.progress import console
 
-    merged = merged.float().eval()
+    merged = merged.float().cpu().eval()  # exported and checked on the CPU, as ONNX Runtime runs it here
     file = tmp / "model.onnx"
     with console.status("Exporting to ONNX with torch.onnx.export (dynamo)"):
         written = write_onnx(merged, batch, file)
