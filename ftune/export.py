@@ -168,7 +168,7 @@ def _pre_tokenizer_name(tokenizer, model_cfg, spec: dict) -> str:
             pass
     text = json.dumps(spec.get("pre_tokenizer"))
     if "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}" in text:
-        return "qwen2" if "\\\\p{N}|" in text or "\\\\p{N}| ?" in text else "llama-bpe"
+        return "qwen2" if "\\\\p{N}|" in text else "llama-bpe"  # Qwen2 splits single digits, Llama-3 up to three
     if '"Digits"' in text and '"individual_digits": true' in text:
         return "smollm"
     return "gpt-2" if '"ByteLevel"' in text and '"use_regex": true' in text else "default"

@@ -259,3 +259,25 @@ def test_refusals(runs, tmp_path):
     with pytest.raises(FtuneError, match="'prompt_tuning' cannot be merged"):
         export_run(not_mergeable, tmp_path / "never", format="gguf")
     assert not (tmp_path / "never").exists()
+
+
+def test_pre_tokenizer_names_for_llama_cpp():
+    """tokenizer.ggml.pre tells llama.cpp how to split text before BPE: recognised from the split regex."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from ftune.config import ModelConfig
+    from ftune.export import _pre_tokenizer_name
+
+    def spec(regex):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}}
+
+    cfg = ModelConfig(name="x")
+    assert _pre_tokenizer_name(None, cfg, spec(PRETOKENIZE_REGEX)) == "qwen2"
+    assert _pre_tokenizer_name(None, cfg, spec(_LLAMA3_SPLIT)) == "llama-bpe"
+    smollm = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
+    assert _pre_tokenizer_name(None, cfg, smollm) == "smollm"
+    assert _pre_tokenizer_name(None, cfg, {"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
