@@ -281,3 +281,25 @@ def test_pre_tokenizer_names_for_llama_cpp():
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
     assert _pre_tokenizer_name(None, cfg, smollm) == "smollm"
     assert _pre_tokenizer_name(None, cfg, {"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+
+
+def test_gguf_writer_maps_mistral(tmp_path):
+    """The third family the writer maps, on a tiny Mistral built in memory (no run needed for the writer)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from ftune.config import ModelConfig, package_path
+    from ftune.export import _load_gguf, write_gguf
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=None, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model = MistralForCausalLM(config).eval()
+    tok = AutoTokenizer.from_pretrained(str(package_path("ftune", "assets/tiny_tokenizer")))
+    ids = torch.randint(4, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    file = tmp_path / "tiny-mistral-q8_0.gguf"
+    write_gguf(model, tok, ModelConfig(name="tiny_mistral"), file, "q8_0", "tiny-mistral")
+    reloaded, _ = _load_gguf(file)
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    assert float((got - want).abs().max()) <= 1e-5  # `model` now holds the weights as stored (q8_0)
