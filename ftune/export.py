@@ -422,7 +422,8 @@ def stop_tokens(tokenizer, pieces: dict[str, Any] | None, generation_config) -> 
     return list(dict.fromkeys(s for s in stops if s))
 
 
-def write_modelfile(folder: Path, gguf_name: str, tokenizer, pieces, stops: list[str], system: str | None) -> str:
+def write_modelfile(folder: Path, gguf_name: str, pieces, stops: list[str], system: str | None) -> str:
+    """The Modelfile: FROM, TEMPLATE (when the chat template could be cut into turns), stops, SYSTEM."""
     lines = [f"FROM ./{gguf_name}"]
     if pieces is not None:
         lines.append(f'TEMPLATE """{ollama_template(pieces)}"""')
@@ -649,9 +650,12 @@ def _export_gguf(merged, tokenizer, model_cfg, batch, tmp: Path, out: Path, resu
                 f"`AutoModelForCausalLM.from_pretrained('{out}', gguf_file='{file.name}')`\n")
     pieces = _chat_pieces(tokenizer, bool(written.get("add_bos_token")))
     stops = stop_tokens(tokenizer, pieces, generation_config)
-    modelfile = write_modelfile(tmp, file.name, tokenizer, pieces, stops, system)
+    modelfile = write_modelfile(tmp, file.name, pieces, stops, system)
     command = f"ollama create {name} -f {out}/Modelfile && ollama run {name}"
     result["ollama"] = {"command": command, "template": pieces is not None, "stops": stops, "modelfile": modelfile}
+    if system and pieces is not None and not pieces["system"]:
+        console.print("[yellow]note[/] the model's chat template has no place for a system message that ftune can "
+                      "express in Ollama's TEMPLATE; the Modelfile's SYSTEM line has no effect with this TEMPLATE.")
     if pieces is None:
         console.print("[yellow]note[/] the chat template could not be cut into Ollama's TEMPLATE form (or the model "
                       "has none); the Modelfile has no TEMPLATE line, and Ollama falls back to the template it "
