@@ -556,6 +556,11 @@ def export_run(run: str | Path, out: str | Path, *, format: str = "gguf", quant:
     merged_at = time.perf_counter()
     model_cfg = validate_group(run_cfg, "model")
     keep_training_chat_template(tokenizer, run_cfg, task)
+    data_cfg = validate_group(run_cfg, "dataset")
+    if fmt == "ollama" and data_cfg.format == "instruction" and data_cfg.prompt_template != "chat":
+        console.print(f"[yellow]note[/] the run was trained on the '{data_cfg.prompt_template}' prompt format, not on "
+                      f"a chat template; Ollama's chat renders the TEMPLATE. For answers like training's, send prompts "
+                      f"in the training format (Ollama's raw mode), or train with dataset.prompt_template=chat.")
     name = str(name) if name else re.sub(r"[^a-z0-9._-]+", "-", run_dir.resolve().name.lower()).strip("-") or "model"
     result: dict[str, Any] = {"run": str(run), "out": str(out), "format": fmt, "method": method.name, "task": task,
                               "merge_max_abs_diff": merge_diff, "check_examples": int(batch["input_ids"].shape[0])}
