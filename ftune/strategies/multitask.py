@@ -599,3 +599,68 @@ def parse_tasks(raw: list[Any]) -> list[Task]:
                              f"(1.0 by default).")
         tasks.append(Task(name, dict(dataset), float(weight)))
     return tasks
+
+
+def evaluate_run(cfg: Any, run_cfg: Any, model: nn.Module, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    """``ftune eval run=<multitask run>``: each task's eval split scored with its own head (the classes of
+    ``tasks.json``), as the run's final evaluation did; eval.json in the run (or ``out=``)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from ftune.config import validate_group
+    from ftune.data import build_data
+    from ftune.data.collate import Collator
+    from ftune.evaluate import evaluate_examples
+    from ftune.progress import console, metrics_table
+    from ftune.runs import resolve_precision
+
+    e = cfg.eval
+    if cfg.get("dataset") is not None:
+        raise FtuneError(f"Run '{cfg.run}' is a multi-task run: `ftune eval` scores each of its tasks on its own eval "
+                         f"split, so it takes no dataset=. Drop the dataset override (or train a run on that data).")
+    if e.split == "all" or e.scorer:
+        raise FtuneError(f"Run '{cfg.run}' is a multi-task run, evaluated on each task's held-out split: "
+                         f"eval.split=all and eval.scorer are not supported for it. Drop them.")
+    strategy: Multitask = _build(run_cfg.strategy)
+    saved = json.loads((Path(str(cfg.run)) / TASKS_FILE).read_text())["tasks"]
+    strategy.saved_labels = {t["name"]: list(t["labels"]) for t in saved}
+    data_cfg = validate_group(OmegaConf.create({"dataset": strategy.dataset_node(run_cfg.dataset)}), "dataset")
+    max_length = e.max_length or int(run_cfg.trainer.max_length)
+    seed = int(run_cfg.get("seed", cfg.seed))
+    chat_template = run_cfg.model.get("chat_template")
+    eval_cap = e.max_samples
+
+    def build(c: DatasetConfig):
+        return build_data(dataclasses.replace(c, max_eval_samples=eval_cap or c.max_eval_samples), tokenizer,
+                          max_length, seed, chat_template)
+
+    with console.status("Encoding the tasks' data"):
+        data = strategy.data(build, data_cfg, tokenizer)
+    if not data.eval:
+        raise FtuneError(f"No task of run '{cfg.run}' has an eval split (eval_path, eval_split or eval_fraction in "
+                         f"its dataset), so there is nothing to evaluate.")
+    strategy.prepare(model, None)
+    precision = e.precision if e.precision != "auto" else str(run_cfg.trainer.get("precision", "auto"))
+    autocast_dtype = resolve_precision(precision, device)
+    collator = Collator(tokenizer.pad_token_id, data.task)
+    with console.status(f"Evaluating {len(data.eval)} examples"):
+        metrics = strategy.evaluate(model, data.eval, lambda examples: evaluate_examples(
+            model, examples, collator, data.task, device, int(e.batch_size), autocast_dtype))
+    report = {**metrics, "source": f"run {cfg.run}", "method": str(run_cfg.method.name),
+              "model": run_cfg.model.get("path") or run_cfg.model.name, "dataset": "multitask",
+              "tasks": [t.name for t in strategy.tasks], "split": "eval", "task": data.task}
+    console.print(f"[bold]ftune eval[/]  run {cfg.run}  method [cyan]{run_cfg.method.name}[/]  tasks "
+                  f"[cyan]{', '.join(t.name for t in strategy.tasks)}[/]", soft_wrap=True)
+    console.print(metrics_table(metrics, "multitask · eval"))
+    out = Path(str(cfg.out)) if cfg.get("out") else Path(str(cfg.run))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    console.print(f"[bold green]wrote[/] {out / 'eval.json'}")
+    return report
+
+
+def _build(strategy_cfg: Any) -> Multitask:
+    from ftune.strategies.base import build_strategy
+
+    return build_strategy(strategy_cfg)
