@@ -114,7 +114,11 @@ def load_row(path: Path, base: Path | None) -> RunRow:
     row = RunRow(path=path, name=name or path.name)
     if (path / "config.yaml").exists():
         try:
-            row.config = flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
+            raw = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
+            tasks = (raw.get("strategy") or {}).get("tasks") if isinstance(raw.get("strategy"), dict) else None
+            if isinstance(tasks, list):  # multitask: the tasks by name (their settings would fill a column)
+                raw["strategy"]["tasks"] = "+".join(str(t.get("name")) for t in tasks if isinstance(t, dict))
+            row.config = flatten(raw)
         except Exception as e:  # a broken file must not hide the other runs
             row.error = f"unreadable config.yaml: {e}"
     if (path / "metrics.json").exists():

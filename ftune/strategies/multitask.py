@@ -421,6 +421,9 @@ class Multitask(Strategy):
         self.seed = sctx.seed
 
     def prepare(self, model: nn.Module, ctx: Any) -> None:
+        if ctx is not None:  # the learned s_i beside the model (one device for the fused optimizer)
+            for p in self.weighting.parameters():
+                p.data = p.data.to(ctx.device)
         if self.task == "seq_cls":
             from ftune.strategies.dann import classification_head
 
