@@ -6,7 +6,9 @@ RTE and TREC at once (a head per task) beside each task trained alone for the sa
 
 Every run is the real CLI (`ftune train recipes=sst2_rte_trec_minilm_multitask ...`) in its own process, one
 after the other. "Alone" is the same recipe with strategy.tasks holding that task only: the same model,
-method, head, optimizer, schedule and step count, on one task's batches. A finished run is reused.
+method, head, optimizer, schedule and step count, on one task's batches. A last row trains the multi-task
+model for as many steps as the alone runs together (the same compute as the separate models). A finished
+run is reused.
 Prints a Markdown table, also written to <work>/multitask.md.
 """
 
@@ -56,10 +58,15 @@ def main() -> None:
     common = ([f"trainer.max_steps={args.steps}"] if args.steps else []) + (
         [f"trainer.batch_size={args.batch_size}"] if args.batch_size else [])
     names = [t["name"] for t in tasks]
-    runs = {"multi-task (" + " + ".join(names) + ")": train(args.work / "multitask", *common)}
+    steps = args.steps or yaml.safe_load(RECIPE.read_text())["trainer"]["max_steps"]
+    runs = {f"multi-task ({' + '.join(names)}), {steps} steps": train(args.work / "multitask", *common)}
     for task in tasks:
-        runs[f"{task['name']} alone"] = train(args.work / f"alone_{task['name']}", *common,
-                                              f"strategy.tasks={flow([task])}")
+        runs[f"{task['name']} alone, {steps} steps"] = train(args.work / f"alone_{task['name']}", *common,
+                                                             f"strategy.tasks={flow([task])}")
+    # one model for every task at the compute of the separate models together
+    total = steps * len(tasks)
+    runs[f"multi-task, {total} steps (the alone runs' total)"] = train(
+        args.work / f"multitask_{total}", *[o for o in common if "max_steps" not in o], f"trainer.max_steps={total}")
     header = ["run", *[f"{n} accuracy" for n in names], "macro accuracy", "steps", "training s"]
     rows = []
     for name, m in runs.items():
@@ -67,9 +74,9 @@ def main() -> None:
         rows.append([name, *("-" if a is None else f"{a:.4f}" for a in accs),
                      "-" if len([a for a in accs if a is not None]) < len(names) else f"{m['eval/macro_accuracy']:.4f}",
                      str(m["train_steps"]), f"{m['train_runtime_s']:.0f}"])
-    alone = [runs[f"{n} alone"][f"eval/{n}/accuracy"] for n in names]
-    rows.append(["each task alone (3 models)", *(f"{a:.4f}" for a in alone), f"{sum(alone) / len(alone):.4f}",
-                 f"{len(names)} x {rows[0][-2]}", "-"])
+    alone = [runs[f"{n} alone, {steps} steps"][f"eval/{n}/accuracy"] for n in names]
+    rows.insert(len(names) + 1, [f"each task alone ({len(names)} models)", *(f"{a:.4f}" for a in alone),
+                                 f"{sum(alone) / len(alone):.4f}", f"{len(names)} x {steps}", "-"])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in rows])
     args.work.mkdir(parents=True, exist_ok=True)
