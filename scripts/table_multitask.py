@@ -1,14 +1,13 @@
 """The measured table of recipes/sst2_rte_trec_minilm_multitask.yaml: one MiniLM-L6 + LoRA trained on SST-2,
-RTE and TREC at once (a head per task) beside each task trained alone for the same number of steps.
+RTE and TREC at once (a head per task) beside each task trained alone, the same steps in all (the recipe's
+450 steps: 3 x 150 alone), and the multi-task model at 150 steps too (as many as each alone run).
 
     python scripts/make_multitask_data.py --data ../shared/data --out data/mtl      # once
-    python scripts/table_multitask.py [--work runs/multitask] [--steps N] [--batch-size B]
+    python scripts/table_multitask.py [--work runs/multitask] [--steps N]
 
 Every run is the real CLI (`ftune train recipes=sst2_rte_trec_minilm_multitask ...`) in its own process, one
 after the other. "Alone" is the same recipe with strategy.tasks holding that task only: the same model,
-method, head, optimizer, schedule and step count, on one task's batches. A last row trains the multi-task
-model for as many steps as the alone runs together (the same compute as the separate models). A finished
-run is reused.
+method, head, optimizer and schedule, on one task's batches. A finished run is reused.
 Prints a Markdown table, also written to <work>/multitask.md.
 """
 
@@ -51,32 +50,31 @@ def flow(value) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "multitask")
-    parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps of every run (default: the recipe's)")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="the multi-task run's steps (default: the recipe's)")
     args = parser.parse_args()
-    tasks = yaml.safe_load(RECIPE.read_text())["strategy"]["tasks"]
-    common = ([f"trainer.max_steps={args.steps}"] if args.steps else []) + (
-        [f"trainer.batch_size={args.batch_size}"] if args.batch_size else [])
-    names = [t["name"] for t in tasks]
-    steps = args.steps or yaml.safe_load(RECIPE.read_text())["trainer"]["max_steps"]
-    runs = {f"multi-task ({' + '.join(names)}), {steps} steps": train(args.work / "multitask", *common)}
+    recipe = yaml.safe_load(RECIPE.read_text())
+    tasks, names = recipe["strategy"]["tasks"], [t["name"] for t in recipe["strategy"]["tasks"]]
+    steps = args.steps or recipe["trainer"]["max_steps"]
+    per = steps // len(tasks)  # each alone run: the multi-task run's steps shared out
+    runs = {f"multi-task ({' + '.join(names)}), {steps} steps": train(args.work / f"multitask_{steps}",
+                                                                      f"trainer.max_steps={steps}")}
     for task in tasks:
-        runs[f"{task['name']} alone, {steps} steps"] = train(args.work / f"alone_{task['name']}", *common,
-                                                             f"strategy.tasks={flow([task])}")
-    # one model for every task at the compute of the separate models together
-    total = steps * len(tasks)
-    runs[f"multi-task, {total} steps (the alone runs' total)"] = train(
-        args.work / f"multitask_{total}", *[o for o in common if "max_steps" not in o], f"trainer.max_steps={total}")
+        runs[f"{task['name']} alone, {per} steps"] = train(args.work / f"alone_{task['name']}_{per}",
+                                                           f"trainer.max_steps={per}", f"strategy.tasks={flow([task])}")
+    runs[f"multi-task, {per} steps (as many as each alone run)"] = train(args.work / f"multitask_{per}",
+                                                                          f"trainer.max_steps={per}")
     header = ["run", *[f"{n} accuracy" for n in names], "macro accuracy", "steps", "training s"]
     rows = []
     for name, m in runs.items():
         accs = [m.get(f"eval/{n}/accuracy") for n in names]
         rows.append([name, *("-" if a is None else f"{a:.4f}" for a in accs),
-                     "-" if len([a for a in accs if a is not None]) < len(names) else f"{m['eval/macro_accuracy']:.4f}",
-                     str(m["train_steps"]), f"{m['train_runtime_s']:.0f}"])
-    alone = [runs[f"{n} alone, {steps} steps"][f"eval/{n}/accuracy"] for n in names]
-    rows.insert(len(names) + 1, [f"each task alone ({len(names)} models)", *(f"{a:.4f}" for a in alone),
-                                 f"{sum(alone) / len(alone):.4f}", f"{len(names)} x {steps}", "-"])
+                     "-" if None in accs else f"{m['eval/macro_accuracy']:.4f}", str(m["train_steps"]),
+                     f"{m['train_runtime_s']:.0f}"])
+    alone = [runs[f"{n} alone, {per} steps"] for n in names]
+    accs = [m[f"eval/{n}/accuracy"] for n, m in zip(names, alone, strict=True)]
+    rows.insert(len(names) + 1, [f"each task alone ({len(names)} models, {steps} steps in all)",
+                                 *(f"{a:.4f}" for a in accs), f"{sum(accs) / len(accs):.4f}",
+                                 f"{len(names)} x {per}", f"{sum(m['train_runtime_s'] for m in alone):.0f}"])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in rows])
     args.work.mkdir(parents=True, exist_ok=True)
