@@ -129,7 +129,7 @@ def _train_job(cfg) -> float | None:
     if from_env().main:  # several processes: rank 0 writes the run directory
         save_library_log(Path(cfg.output_dir))
     console.print(metrics_table(metrics, f"ftune · {cfg.method.name} · {cfg.output_dir}"))
-    key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
+    key = next((k for k in ("eval/macro_accuracy", "eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
     if key is None:  # no eval split: say so rather than print nan
         console.print(f"[bold green]done[/] (no eval split; set dataset.eval_fraction to get one)   run: {cfg.output_dir}")
         return None
@@ -176,7 +176,7 @@ def _launch_processes(cfg, n: int, multirun: bool) -> float | None:
         sys.exit(code)
     metrics_file = Path(cfg.output_dir) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    key = next((k for k in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
+    key = next((k for k in ("eval/macro_accuracy", "eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss") if k in metrics), None)
     return metrics[key] if key else None
 
 
@@ -242,7 +242,7 @@ def _eval(cfg) -> float | None:
     from ftune.evaluate import run_eval
 
     report = run_eval(cfg)
-    for key in ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss"):
+    for key in ("eval/macro_accuracy", "eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/loss"):
         if key in report:
             return report[key]
     return None

@@ -33,7 +33,7 @@ IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progres
 # groups that are shown by name only when they differ in name (a model swap changes every model.config.* key)
 NAMED_GROUPS = {"model": "model.name", "dataset": "dataset.name", "optimizer": "optimizer._target_",
                 "scheduler": "scheduler._target_"}
-METRIC_PREFERENCE = ("eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/macro_f1", "eval/loss")
+METRIC_PREFERENCE = ("eval/macro_accuracy", "eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/macro_f1", "eval/loss")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -114,7 +114,11 @@ def load_row(path: Path, base: Path | None) -> RunRow:
     row = RunRow(path=path, name=name or path.name)
     if (path / "config.yaml").exists():
         try:
-            row.config = flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
+            raw = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
+            tasks = (raw.get("strategy") or {}).get("tasks") if isinstance(raw.get("strategy"), dict) else None
+            if isinstance(tasks, list):  # multitask: the tasks by name (their settings would fill a column)
+                raw["strategy"]["tasks"] = "+".join(str(t.get("name")) for t in tasks if isinstance(t, dict))
+            row.config = flatten(raw)
         except Exception as e:  # a broken file must not hide the other runs
             row.error = f"unreadable config.yaml: {e}"
     if (path / "metrics.json").exists():
@@ -181,14 +185,27 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def task_columns(rows: list[RunRow], metric: str) -> list[str]:
+    """Multi-task runs' per-task metrics (``eval/<task>/accuracy``, else ``eval/<task>/loss``) and the macro
+    accuracy, beside the chosen metric."""
+    per_task = {k for r in rows for k in r.metrics if k.startswith("eval/") and k.count("/") == 2}
+    keys = sorted(k for k in per_task if k.endswith("/accuracy")) or sorted(k for k in per_task if k.endswith("/loss"))
+    if keys and any("eval/macro_accuracy" in r.metrics for r in rows):
+        keys.append("eval/macro_accuracy")
+    return [k for k in keys if k != metric]
+
+
 def build_table(rows: list[RunRow], metric: str) -> tuple[list[str], list[list[Any]]]:
     keys = differing_keys(rows)
-    header = ["run", "method", *keys, "trainable %", metric, "train time (s)", "tokens/s", "peak memory (MB)", "status"]
+    tasks = task_columns(rows, metric)
+    header = ["run", "method", *keys, "trainable %", metric, *tasks, "train time (s)", "tokens/s", "peak memory (MB)",
+              "status"]
     body = []
     for r in rows:
         m = r.metrics
         body.append([
             r.name, r.method, *[r.config.get(k) for k in keys], m.get("trainable_percent"), m.get(metric),
+            *[m.get(k) for k in tasks],
             m.get("train_runtime_s"), m.get("tokens_per_s"), m.get("peak_memory_mb"),
             "failed" if r.failed else "ok",
         ])
@@ -336,7 +353,8 @@ DESCRIPTION = """Compare runs: PATH is a run directory (holding config.yaml) or 
 output_dir of `ftune train -m ...`. Prints a table (method, the hyperparameters that differ, trainable
 %, the metric, train time, tokens/s, peak memory) and writes comparison.md, comparison.csv and
 comparison.png (metric vs trainable parameters) into the sweep directory, or into out=DIR.
-metric defaults to eval/accuracy, else eval/exact_match, else eval/loss; eval.json (ftune eval)
+metric defaults to eval/macro_accuracy (multi-task runs, whose
+per-task eval/<task>/accuracy get columns too), else eval/accuracy, else eval/exact_match, else eval/loss; eval.json (ftune eval)
 wins over metrics.json (ftune train) where both have a metric."""
 
 

@@ -453,6 +453,11 @@ def run_eval(cfg) -> dict[str, Any]:
     model_override = validate_group(cfg, "model") if cfg.get("model") is not None else None
     data_override = validate_group(cfg, "dataset") if cfg.get("dataset") is not None else None
 
+    if cfg.get("run") and (run_config(check_run_dir(cfg.run)).get("strategy") or {}).get("name") == "multitask":
+        from ftune.strategies.multitask import evaluate_run
+
+        loaded = load_run(cfg.run, device, model_cfg=model_override)  # each task scored with its own head
+        return evaluate_run(cfg, loaded.cfg, loaded.model, loaded.tokenizer, device)
     if cfg.get("run"):
         run_data = validate_group(run_config(check_run_dir(cfg.run)), "dataset")
         data_cfg = data_override or run_data

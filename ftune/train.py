@@ -171,9 +171,11 @@ def checked_settings(cfg: DictConfig) -> tuple[TrainerConfig, ModelConfig, Datas
     """Every group of the config validated, before anything loads (and before a strategy's earlier stages)."""
     trainer = validate_group(cfg, "trainer")
     model_cfg = validate_group(cfg, "model")
-    data_cfg: DatasetConfig = validate_group(cfg, "dataset")
     method = build_method(cfg.method)  # validates method settings before any loading
     strategy = build_strategy(cfg.get("strategy"))  # likewise: strategy=none unless the config names one
+    # multitask: the dataset group holds the tasks' defaults, its missing path filled from the first task
+    data_cfg: DatasetConfig = validate_group(OmegaConf.create({"dataset": strategy.dataset_node(cfg.dataset)}),
+                                             "dataset")
     check_settings(cfg, trainer, data_cfg, method.settings, strategy.settings)  # every numeric range, in one paragraph
     strategy.check()
     check_target(cfg.optimizer, "optimizer")
@@ -217,7 +219,8 @@ def setup(cfg: DictConfig) -> Run:
 
     with console.status(f"Loading tokenizer and data ({data_cfg.path})"):
         tokenizer = load_tokenizer(model_cfg)
-        data = build_data(data_cfg, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template)
+        data = strategy.data(lambda c: build_data(c, tokenizer, trainer.max_length, cfg.seed, model_cfg.chat_template),
+                             data_cfg, tokenizer)  # multitask: the union of the tasks' data
     with console.status(f"Loading model {model_label(model_cfg)}"):
         eval_batch_size = trainer.eval_batch_size or trainer.batch_size * 2
         strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing,
@@ -539,10 +542,10 @@ def evaluate(run: Run, score: bool = False) -> dict[str, float]:
     w = run.world  # several processes: each scores its shard, the sums are added up over processes
     # fsdp: a forward is a collective (it gathers each block's weights), so every process runs as many
     lockstep = math.ceil(math.ceil(len(run.data.eval) / w.world_size) / batch_size) if t.distributed == "fsdp" else 0
-    metrics = evaluate_examples(run.model, run.data.eval[w.rank::w.world_size], run.eval_collator, run.data.task,
-                                run.device, batch_size, run.autocast_dtype, run.target_logits,
-                                reduce=(lambda v: distributed.all_sum(v, run.device)) if w.enabled else None,
-                                batches=(lockstep, run.data.eval[0]) if w.enabled and lockstep else None)
+    metrics = run.strategy.evaluate(run.model, run.data.eval, lambda examples: evaluate_examples(
+        run.model, examples[w.rank::w.world_size], run.eval_collator, run.data.task, run.device, batch_size,
+        run.autocast_dtype, run.target_logits, reduce=(lambda v: distributed.all_sum(v, run.device)) if w.enabled else None,
+        batches=(lockstep, examples[0]) if w.enabled and lockstep else None))
     if score and t.eval_scorer:
         was_training = run.model.training
         scores, _ = score_examples(run.model, run.tokenizer, run.data.eval, t.eval_scorer, t.eval_max_new_tokens,

@@ -98,3 +98,27 @@ def smollm2(tmp_path_factory):
             os.environ.pop("FTUNE_CACHE", None)
         else:
             os.environ["FTUNE_CACHE"] = old
+
+
+def write_tasks(root: Path) -> dict[str, Path]:
+    """Two classification tasks with their own columns and classes: sentiment (2) and question type (3)."""
+    root.mkdir(parents=True, exist_ok=True)
+    words = {"pos": ["great", "lovely", "superb"], "neg": ["awful", "dull", "poor"]}
+    files = {}
+    for part, n in (("train", 24), ("dev", 8)):
+        files[f"a_{part}"] = root / f"a_{part}.csv"
+        files[f"a_{part}"].write_text("text,label\n" + "".join(
+            f"the film {i} was {words['pos' if i % 2 else 'neg'][i % 3]},{'pos' if i % 2 else 'neg'}\n"
+            for i in range(n)))
+    for part, n in (("train", 18), ("dev", 6)):
+        files[f"b_{part}"] = root / f"b_{part}.csv"
+        files[f"b_{part}"].write_text("question,kind\n" + "".join(
+            f"{['who', 'where', 'how many'][i % 3]} is thing {i},{['HUM', 'LOC', 'NUM'][i % 3]}\n" for i in range(n)))
+    return files
+
+
+def tasks_override(files: dict[str, Path], weight_b: float = 1.0) -> str:
+    """strategy.tasks in Hydra's command-line list syntax, as a user types it."""
+    return (f"strategy.tasks=[{{name: a, dataset: {{path: '{files['a_train']}', eval_path: '{files['a_dev']}'}}}}, "
+            f"{{name: b, dataset: {{path: '{files['b_train']}', eval_path: '{files['b_dev']}', "
+            f"text_column: question, label_column: kind}}, weight: {weight_b}}}]")

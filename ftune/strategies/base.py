@@ -12,9 +12,13 @@ Hooks, in the order the trainer calls them::
 
     strategy = build_strategy(cfg.strategy)      # settings validated from configs/strategy/<name>.yaml;
                                                  # their numeric ranges join check_settings' one paragraph
+    node = strategy.dataset_node(cfg.dataset)    # the run's dataset config before it is validated
+                                                 # (multitask: the tasks' defaults, a missing path filled)
     model_cfg = strategy.model_config(model_cfg, run_dir)   # the run's base model (distill with
                                                  # student_layers: the student cut from the teacher,
                                                  # saved to run_dir/student at the end); nothing loaded yet
+    data = strategy.data(build, data_cfg, tokenizer)   # the run's data; build(cfg) reads a dataset config
+                                                 # (multitask: the union of its tasks' data)
     strategy.load(sctx)                          # after tokenizer and data: load extra models (the
                                                  # teacher) or data (DANN's target domain) and check them
                                                  # against the tokenizer and labels (sctx also holds the
@@ -40,6 +44,9 @@ Hooks, in the order the trainer calls them::
                                                  # n_targets (targets of the accumulation window); a
                                                  # strategy reweights it and adds its terms, normalised by
                                                  # the same n_targets so grad_accum changes nothing
+    ... per evaluation: metrics = strategy.evaluate(model, eval_examples, evaluate)   # evaluate(examples)
+                                                 # scores a list of examples as the run does (multitask:
+                                                 # each task's examples with its own head)
     ... per optimizer step: strategy.after_step(model, step)   # schedules (DANN's lambda_p), stage moves
     ... per logged row of metrics.jsonl: row.update(strategy.row_metrics(steps_done))   # "strategy/..." keys
     strategy.state_dict() / load_state_dict(state)   # checkpointed (strategy.pt); restored on resume
@@ -145,7 +152,15 @@ class Strategy:
         """The run's base model config (recorded in config.yaml, used to load the run again)."""
         return model_cfg
 
+    def dataset_node(self, node: Any) -> Any:
+        """The run's ``dataset`` config node before it is validated (unchanged here)."""
+        return node
+
     # --- building ----------------------------------------------------------------------------
+    def data(self, build: Callable[[Any], Any], data_cfg: Any, tokenizer: Any) -> Any:
+        """The run's DataBundle; ``build(dataset_cfg)`` reads and encodes a dataset config as the run does."""
+        return build(data_cfg)
+
     def load(self, sctx: StrategyContext) -> None:
         """Load the strategy's extra models or data, checked against the run's tokenizer and labels."""
 
@@ -206,6 +221,12 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``."""
+
+    def evaluate(self, model: nn.Module, examples: list[dict],
+                 evaluate: Callable[[list[dict]], dict[str, float]]) -> dict[str, float]:
+        """The ``eval/...`` metrics of ``model`` on the run's eval ``examples``; ``evaluate(examples)`` scores a
+        list of them as the run does (loss, accuracy)."""
+        return evaluate(examples)
 
     # --- outputs -----------------------------------------------------------------------------
     def final_metrics(self, metrics: dict[str, Any],
