@@ -406,7 +406,6 @@ def upcycle(dense: nn.Module, experts: int, top_k: int, seed: int = 0) -> nn.Mod
             "bos_token_id", "eos_token_id", "sliding_window", "num_labels", "id2label", "label2id")
     values = {k: getattr(cfg, k) for k in keep if getattr(cfg, k, None) is not None}
     moe_cfg = AutoConfig.for_model("mixtral", **values, num_local_experts=experts, num_experts_per_tok=top_k)
-    moe_cfg.ftune_upcycled_from = cfg.model_type
     head = AutoModelForSequenceClassification if type(dense).__name__.endswith("ForSequenceClassification") \
         else AutoModelForCausalLM
     dtype = next(dense.parameters()).dtype
