@@ -341,7 +341,7 @@ def plot_routing(metrics: dict[str, Any], out: Path, title: str) -> None:
     fig.colorbar(im, ax=axes[1], fraction=0.05, label="share of top-k assignments")
     axes[2].barh(range(layers), changed, color="tab:red")
     axes[2].set_ylim(layers - 0.5, -0.5)
-    axes[2].set_xlim(0, 1)
+    axes[2].set_xlim(0, max(0.05, 1.1 * max(changed, default=0)))
     axes[2].set_title("tokens whose top-k changed", fontsize=9)
     axes[2].set_xlabel("share")
     fig.suptitle(title, fontsize=10)

@@ -87,6 +87,8 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
+        if isinstance(v, list):  # per-layer values (an MoE's loads): in metrics.json and the run card
+            continue
         if isinstance(v, float):
             shown = f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.0f}"
         elif isinstance(v, int):
