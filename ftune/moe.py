@@ -158,7 +158,6 @@ class Routing:
     same function over the captured router logits: a classification head drops it), ``z_coef`` the z-loss.
     """
 
-    model: nn.Module
     trains_router: bool
     aux_coef: float
     z_coef: float
@@ -182,7 +181,7 @@ class Routing:
         z = getattr(method_settings, "router_z_loss_coef", None)
         z = float(Z_LOSS_COEF.get(config.model_type, 0.0) if z is None else z)
         config.output_router_logits = trains  # transformers then returns outputs.aux_loss
-        routing = cls(model, trains, aux if trains else 0.0, z if trains else 0.0,
+        routing = cls(trains, aux if trains else 0.0, z if trains else 0.0,
                       int(gates[0].num_experts), int(gates[0].top_k))
         if trains:
             routing.capture = RouterCapture(model)
