@@ -43,7 +43,7 @@ from ftune.evaluate import SCORERS, TargetLogits, evaluate_examples, has_eval_sp
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer, model_label
 from ftune.models_gguf import resolve_gguf
-from ftune.moe import Routing, compare_routing, plot_routing, routing_snapshot
+from ftune.moe import MAX_DIAGNOSTIC_EXAMPLES, Routing, compare_routing, plot_routing, routing_snapshot
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
 from ftune.packing import (
     PackingCollator,
@@ -253,11 +253,13 @@ def setup(cfg: DictConfig) -> Run:
     model = method.prepare(model, ctx).to(device)
     model.train()
     strategy.prepare(model, ctx)
+    eval_collator = (MaskingCollator(tokenizer, data_cfg.mlm_probability) if task == "masked_lm"
+                     else Collator(tokenizer.pad_token_id, task))
     moe = Routing.of(model, method.settings)  # router losses on exactly when a router trains
     if moe is not None:
         ctx.report.update(moe.settings_report())
-        moe.before = moe_snapshot(model, data, eval_collator_for(task, tokenizer, data_cfg), device, trainer,
-                                  autocast_dtype)  # the base model's routing, before any step (and any resume)
+        # the base model's routing, before any step (and before a resumed run loads its checkpoint)
+        moe.before = moe_snapshot(model, data, eval_collator, device, trainer, autocast_dtype)
     if trainer.packing:  # refuses the run unless the examples of a packed row are kept apart
         check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
     if trainer.compile:
@@ -271,7 +273,6 @@ def setup(cfg: DictConfig) -> Run:
     optimizer = build_optimizer(cfg, method, model, device, strategy)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    eval_collator = eval_collator_for(task, tokenizer, data_cfg)
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, strategy, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
@@ -279,17 +280,9 @@ def setup(cfg: DictConfig) -> Run:
                moe)
 
 
-def eval_collator_for(task: str, tokenizer: Any, data_cfg: DatasetConfig) -> Collator | MaskingCollator:
-    """The collator of eval batches (masked LM: masked as for training)."""
-    return (MaskingCollator(tokenizer, data_cfg.mlm_probability) if task == "masked_lm"
-            else Collator(tokenizer.pad_token_id, task))
-
-
 def moe_snapshot(model: torch.nn.Module, data: DataBundle, collator: Collator | MaskingCollator,
                  device: torch.device, trainer: TrainerConfig, autocast_dtype: torch.dtype | None):
     """The routing of an MoE model on the eval split (without one: the first training examples)."""
-    from ftune.moe import MAX_DIAGNOSTIC_EXAMPLES
-
     examples = (data.eval or data.train)[:MAX_DIAGNOSTIC_EXAMPLES]
     return routing_snapshot(model, examples, collator, device, trainer.eval_batch_size or trainer.batch_size * 2,
                             autocast_dtype, data.task)
