@@ -59,26 +59,25 @@ def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 
 
-def _block_prefixes(model: nn.Module) -> list[str]:
-    return [f"{name}." for name, _ in moe_blocks(model)]
+def _block_parameters(model: nn.Module, children: tuple[str, ...]) -> list[str]:
+    """Qualified names of the parameters of each MoE block's ``children`` modules."""
+    names = []
+    for block_name, block in moe_blocks(model):
+        for child in children:
+            module = getattr(block, child, None)
+            if isinstance(module, nn.Module):
+                names += [f"{block_name}.{child}.{n}" for n, _ in module.named_parameters()]
+    return names
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:
     """The routers' parameters: each block's ``gate`` (and Qwen2-MoE's ``shared_expert_gate``)."""
-    prefixes = tuple(_block_prefixes(model))
-    return [n for n, _ in model.named_parameters()
-            if n.startswith(prefixes) and n[len(_prefix_of(n, prefixes)):].split(".")[0] in ("gate", "shared_expert_gate")]
+    return _block_parameters(model, ("gate", "shared_expert_gate"))
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """The experts' parameters: each block's ``experts`` (and Qwen2-MoE's ``shared_expert``)."""
-    prefixes = tuple(_block_prefixes(model))
-    return [n for n, _ in model.named_parameters()
-            if n.startswith(prefixes) and n[len(_prefix_of(n, prefixes)):].split(".")[0] in ("experts", "shared_expert")]
-
-
-def _prefix_of(name: str, prefixes: tuple[str, ...]) -> str:
-    return next(p for p in prefixes if name.startswith(p))
+    return _block_parameters(model, ("experts", "shared_expert"))
 
 
 def expert_target_parameters(model: nn.Module) -> list[str]:
