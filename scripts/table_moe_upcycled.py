@@ -9,7 +9,7 @@
 One row per run directory: held-out loss before -> after training (eval_before/loss, eval/loss), the
 load-balancing loss at the first and last logged step (router-training runs), mean router entropy and
 load imbalance (coefficient of variation over experts) before -> after, the share of tokens whose top-k
-experts changed, trainable parameters and seconds of training. Prints a Markdown table.
+experts changed, trainable parameters, seconds of training and peak memory. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ def row(run: Path) -> str:
     return (f"| {run.name} | {m['eval_before/loss']:.3f} -> {m['eval/loss']:.3f} | {aux_text} | "
             f"{m['moe/entropy_before']:.3f} -> {m['moe/entropy_after']:.3f} | "
             f"{m['moe/load_cv_before']:.3f} -> {m['moe/load_cv_after']:.3f} | {m['moe/changed_topk_share']:.3f} | "
-            f"{m['trainable_params']:,} | {m['train_runtime_s']:.0f} |")
+            f"{m['trainable_params']:,} | {m['train_runtime_s']:.0f} | {m['peak_memory_mb']:,.0f} |")
 
 
 def main(runs: list[str]) -> None:
     print("| run | eval loss before -> after | aux loss first -> last | router entropy before -> after "
-          "| load CV before -> after | top-k changed | trainable params | train s |")
-    print("|---|---|---|---|---|---|---:|---:|")
+          "| load CV before -> after | top-k changed | trainable params | train s | peak MB |")
+    print("|---|---|---|---|---|---|---:|---:|---:|")
     for run in runs:
         print(row(Path(run)))
 
