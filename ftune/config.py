@@ -149,6 +149,10 @@ class ModelConfig:
     init_seed: int = 0  # seed of the random init of models built from `config`
     chat_template: Optional[str] = None  # fallback template name when the tokenizer has none
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside `path`: converted once to a cached model folder
+    # sparse upcycling: a dense Llama-family model becomes a Mixtral-style MoE with this many experts (copies of
+    # its MLP), each token routed to upcycle_top_k of them; null: the model as it is (ftune.moe.upcycle)
+    upcycle_experts: Optional[int] = ranged(None, Range(2), "for the model as it is")
+    upcycle_top_k: int = ranged(2, AT_LEAST_1)
 
 
 BAD_ROWS = ("error", "skip")

@@ -98,7 +98,23 @@ def build_model(
     pad_token_id: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Load or build the base model for ``task`` ("causal_lm", "seq_cls" or "masked_lm") on the CPU."""
+    """Load or build the base model for ``task`` ("causal_lm", "seq_cls" or "masked_lm") on the CPU.
+
+    With ``model.upcycle_experts`` the dense model is then upcycled into a Mixtral-style MoE (ftune.moe.upcycle),
+    the same one every time (its router is drawn from ``init_seed``): eval, merge and generate rebuild it from the
+    run's config.yaml."""
+    from ftune.moe import check_upcycle, upcycle
+
+    check_upcycle(cfg.upcycle_experts, cfg.upcycle_top_k)
+    model = _build_dense(cfg, task, num_labels=num_labels, label_names=label_names, pad_token_id=pad_token_id,
+                         dtype=dtype)
+    if cfg.upcycle_experts:
+        model = upcycle(model, cfg.upcycle_experts, cfg.upcycle_top_k, cfg.init_seed)
+    return model
+
+
+def _build_dense(cfg: ModelConfig, task: str, *, num_labels: int | None, label_names: list[str] | None,
+                 pad_token_id: int | None, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     auto = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(

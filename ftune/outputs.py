@@ -12,6 +12,7 @@
                        or keep_best: best_metric, best_value, best_step, weights_from_step,
                        stopped_early_at_step)
       loss.png         training loss (and eval loss) against steps
+      moe.png          an MoE model: load per expert and layer before/after training, top-k changes (moe/ metrics)
       README.md        model card: base model, method, data, command, metrics
       tensorboard/ wandb/ mlflow.db mlartifacts/   what the chosen experiment trackers (logger=) wrote
       trackers.json    their tracked runs' ids (MLflow, W&B), so that resume=auto continues those runs
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftune.errors import FtuneError
 
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
-                 "loss.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
+                 "loss.png", "moe.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
                  "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
                  "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors")
 STAGES_DIR = "stages"  # a strategy's earlier stages (domain_adapt: stages/pretrain), kept by the run's own setup
@@ -168,8 +169,11 @@ def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     """README.md: what was trained, on what, how to reproduce and load it."""
     model = cfg.model.path or f"{cfg.model.name} (built from config)"
     command = run_command(cfg)
-    rows = "\n".join(
+    from ftune.moe import card_section
+
+    rows = "\n".join(  # lists (an MoE's loads per layer) go to their own section
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+        if not isinstance(v, list)
     )
     strategy = cfg.get("strategy") or {}
     strategy = (f"- strategy: `{strategy.get('name')}`" + (f" (teacher `{strategy.get('teacher')}`)" if strategy.get("teacher")
@@ -188,6 +192,7 @@ def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
 |---|---|
 {rows}
 
+{card_section(metrics)}
 ## Use
 
 Weights are in `adapter/`; the resolved configuration is `config.yaml`.

@@ -74,6 +74,11 @@ def print_header(run, params: tuple[int, int]) -> None:
             f"  4-bit NF4: {report['quantization/layers_4bit']} linear layers quantized, {kept} kept in full precision"
             + (f" ({report['quantization/full_precision_reason']})" if kept else "")
         )
+    if "moe/experts" in report:  # an MoE model: its routing and which router losses apply
+        losses = (f"load-balancing loss x{report['moe/aux_loss_coef']:g}"
+                  + (f" + router z-loss x{report['moe/z_loss_coef']:g}" if report["moe/z_loss_coef"] else "")
+                  if report["moe/router_trains"] else "router frozen: no router loss")
+        console.print(f"  MoE: {report['moe/experts']} experts, top-{report['moe/top_k']}; {losses}")
     for line in run.method.header_lines(run.total_steps):  # e.g. the gradual unfreezing schedule
         console.print(f"  {escape(line)}", soft_wrap=True)
     for line in run.strategy.header_lines():  # e.g. distillation's teacher, student and loss weights
@@ -87,6 +92,8 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
+        if isinstance(v, list):  # per-layer values (an MoE's loads): in metrics.json and the run card
+            continue
         if isinstance(v, float):
             shown = f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.0f}"
         elif isinstance(v, int):

@@ -43,6 +43,7 @@ from ftune.evaluate import SCORERS, TargetLogits, evaluate_examples, has_eval_sp
 from ftune.methods.base import Method, MethodContext, build_method, trainable_parameters
 from ftune.models import build_model, head_names, load_tokenizer, model_label
 from ftune.models_gguf import resolve_gguf
+from ftune.moe import MAX_DIAGNOSTIC_EXAMPLES, Routing, compare_routing, plot_routing, routing_snapshot
 from ftune.outputs import MetricsLog, plot_loss, prepare_run_dir, read_metrics, save_config, write_card
 from ftune.packing import (
     PackingCollator,
@@ -86,6 +87,7 @@ class Run:
     # what the training steps call: the model, in DistributedDataParallel on several processes (fsdp: the
     # model itself, sharded in place)
     ddp: torch.nn.Module
+    moe: Routing | None = None  # an MoE model: its router losses and routing diagnostics (ftune.moe)
 
     def epoch_batches(self, lengths: list[int], epoch: int) -> list[dict[str, list[int]]]:
         """The micro-batches of ``epoch``: packed rows or padded batches of the training split ("train"),
@@ -254,6 +256,13 @@ def setup(cfg: DictConfig) -> Run:
     model = method.prepare(model, ctx).to(device)
     model.train()
     strategy.prepare(model, ctx)
+    eval_collator = (MaskingCollator(tokenizer, data_cfg.mlm_probability) if task == "masked_lm"
+                     else Collator(tokenizer.pad_token_id, task))
+    moe = Routing.of(model, method.settings)  # router losses on exactly when a router trains
+    if moe is not None:
+        ctx.report.update(moe.settings_report())
+        # the base model's routing, before any step (and before a resumed run loads its checkpoint)
+        moe.before = moe_snapshot(model, data, eval_collator, device, trainer, autocast_dtype)
     if trainer.packing:  # refuses the run unless the examples of a packed row are kept apart
         check_packing(model, method.name, device, autocast_dtype, model.config.vocab_size)
     if trainer.compile:
@@ -267,12 +276,19 @@ def setup(cfg: DictConfig) -> Run:
     optimizer = build_optimizer(cfg, method, model, device, strategy)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    eval_collator = (MaskingCollator(tokenizer, data_cfg.mlm_probability) if task == "masked_lm"
-                     else Collator(tokenizer.pad_token_id, task))
     collator = PackingCollator(is_flash_attention(model)) if trainer.packing else eval_collator
     return Run(cfg, trainer, model_cfg, out, device, autocast_dtype, tokenizer, data, method, strategy, model, ctx,
                collator, eval_collator, optimizer, scheduler, scaler, total_steps, batches_per_epoch,
-               TargetLogits(model, chunked=trainer.chunked_loss and not strategy.needs_logits), trackers, world, ddp)
+               TargetLogits(model, chunked=trainer.chunked_loss and not strategy.needs_logits), trackers, world, ddp,
+               moe)
+
+
+def moe_snapshot(model: torch.nn.Module, data: DataBundle, collator: Collator | MaskingCollator,
+                 device: torch.device, trainer: TrainerConfig, autocast_dtype: torch.dtype | None):
+    """The routing of an MoE model on the eval split (without one: the first training examples)."""
+    examples = (data.eval or data.train)[:MAX_DIAGNOSTIC_EXAMPLES]
+    return routing_snapshot(model, examples, collator, device, trainer.eval_batch_size or trainer.batch_size * 2,
+                            autocast_dtype, data.task)
 
 
 def identity(run: Run) -> dict[str, Any]:
@@ -372,6 +388,9 @@ def train_loop(run: Run) -> dict[str, Any]:
                         extra = run.method.extra_loss(model, batch, outputs, loop.step)
                         if extra is not None:
                             loss = loss + extra / t.grad_accum
+                        router = run.moe.loss(outputs, batch) if run.moe is not None else None
+                        if router is not None:  # load-balancing (and z-) loss, while a router trains
+                            loss = loss + router / t.grad_accum
                     memory.sample()  # activations are alive here: the high-water mark of a step
                     del outputs  # the logits: backward does not need them
                     (run.scaler.scale(loss) if run.scaler else loss).backward()
@@ -429,7 +448,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 row = {"step": loop.step, "epoch": round(loop.epoch + loop.position / max(len(batches), 1), 3),
                        "loss": loop.loss_sum / loop.loss_count, "lr": run.scheduler.get_last_lr()[0],
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), **run.method.row_metrics(loop.step),
-                       **run.strategy.row_metrics(loop.step)}
+                       **run.strategy.row_metrics(loop.step), **(run.moe.row_metrics() if run.moe else {})}
                 log.log(row)
                 progress.update(loop.step, row)
                 window_tokens, window_start, loop.loss_sum, loop.loss_count = 0, loop.train_seconds, 0.0, 0
@@ -478,6 +497,9 @@ def train_loop(run: Run) -> dict[str, Any]:
         "peak_memory_mb": memory.peak_mb(),
     })
     metrics.update(run.ctx.report)  # what the method reports about the model (e.g. layers kept out of 4-bit)
+    if run.moe is not None and run.moe.before is not None:  # routing of the saved weights against the base model's
+        metrics.update(compare_routing(run.moe.before, moe_snapshot(model, run.data, run.eval_collator, run.device,
+                                                                    t, run.autocast_dtype)))
     metrics.update(run.strategy.final_metrics(metrics, lambda other, target_logits: evaluate_other(run, other,
                                                                                                     target_logits)))
     if loop.skipped_nan:
@@ -714,6 +736,8 @@ def write_outputs(run: Run, metrics: dict[str, Any]) -> None:
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_loss(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png",
               f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
+    if "moe/load_before" in metrics:
+        plot_routing(metrics, run.out / "moe.png", f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
     write_card(run.out, run.cfg, metrics)
     run.trackers.log_final(metrics, step=metrics["train_steps"])
     for name in ("loss.png", "metrics.json"):

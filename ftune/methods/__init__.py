@@ -4,6 +4,7 @@ from ftune.methods import (  # noqa: F401  (registration side effects)
     adapters,
     lora,
     mixtures,
+    moe,
     peft_generic,
     prompts,
     selective,

@@ -43,6 +43,10 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
+    "qwen3_moe": ["q_proj", "v_proj"],
+    "olmoe": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "bert": ["query", "value"],
 }
@@ -100,6 +104,9 @@ class LoraSettings(UnfreezeSettings):  # schedule=gradual: the blocks' adapters 
     use_rslora: bool = False
     init_lora_weights: Any = True  # True (Kaiming A, zero B) | "gaussian" | "pissa" | "olora" | ...
     quantize: bool = False  # train on an NF4 4-bit quantized, frozen base (QLoRA-style); qlora implies it
+    # MoE models: LoRA on every expert too (one B·A per expert on the fused mlp.experts tensors, through peft's
+    # target_parameters; Qwen2-MoE's shared expert through its linear layers), beside target_modules
+    target_experts: bool = False
 
 
 @register_method("lora")
@@ -149,13 +156,50 @@ class Lora(UnfreezesGradually, PeftMethod):
     def peft_config(self, model, ctx):
         from peft import LoraConfig
 
+        kwargs = self.lora_kwargs(ctx)
+        if getattr(self.settings, "target_experts", False):
+            from ftune.moe import expert_target_parameters, shared_expert_modules
+
+            kwargs["target_parameters"] = expert_target_parameters(model)
+            shared = shared_expert_modules(model)
+            if shared:
+                target = kwargs["target_modules"]
+                if isinstance(target, str):  # a regex or all-linear: the shared expert as an alternative
+                    target = target if target == "all-linear" else rf"(?:{target})|.*\.(?:{'|'.join(shared)})"
+                else:
+                    target = list(target or []) + shared
+                kwargs["target_modules"] = target
+            elif kwargs["target_modules"] is None:
+                kwargs["target_modules"] = []  # the experts only
         try:
-            return LoraConfig(**self.lora_kwargs(ctx))
+            return LoraConfig(**kwargs)
         except ValueError as e:
             raise MethodNotApplicable(f"Invalid {self.name} settings: {e}") from None
 
     def check(self, model, ctx):
         self.check_blocks(model)
+        if getattr(self.settings, "target_experts", False):
+            self.check_experts(model)
+
+    def check_experts(self, model) -> None:
+        """method.target_experts=true: an MoE model, and the LoRA settings peft's expert LoRA accepts."""
+        from ftune.moe import is_moe, not_moe_error
+
+        s, name = self.settings, self.name
+        if not is_moe(model):
+            raise MethodNotApplicable(str(not_moe_error(model, "method.target_experts=true")))
+        if s.dropout:
+            raise MethodNotApplicable(
+                f"method.target_experts=true puts LoRA on the fused expert tensors (peft's target_parameters), "
+                f"which cannot apply dropout: the input cannot be factored out of B·A·dropout(x) when the update "
+                f"is added to a weight. Set method.dropout=0 (method.dropout={s.dropout} now)."
+            )
+        if s.use_dora or self.forced.get("use_dora") or self.quantized or str(s.init_lora_weights).startswith("pissa"):
+            raise MethodNotApplicable(
+                f"method={name} with method.target_experts=true is not supported: peft's LoRA on expert tensors is "
+                f"plain LoRA (no DoRA, PiSSA or 4-bit base). Use method=lora (or rslora) method.target_experts=true "
+                f"method.dropout=0."
+            )
 
     def prepare(self, model, ctx):
         if not self.quantized:

@@ -47,6 +47,8 @@ MERGEABLE = sorted(n for n in METHODS if _method(n).mergeable)
 NOT_MERGEABLE = sorted(n for n in METHODS if not _method(n).mergeable)
 LLAMA = ("tiny_llama", "demo_instructions")
 BERT = ("tiny_bert", "sentiment")
+# methods for one kind of model: method=moe trains an MoE, here a tiny Llama upcycled into one (4 experts, top-2)
+MODELS_FOR = {"moe": ((*LLAMA, "model.upcycle_experts=4"),)}
 FAST = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.max_length=64", "trainer.log_every=1",
         "trainer.progress=false", "dataset.max_samples=16", "dataset.max_eval_samples=8", "optimizer.lr=1e-2"]
 FORBIDDEN = ("ftune", "peft", "quantization_config", "_pre_quantization_dtype")
@@ -66,14 +68,16 @@ class Runs:
         self.cache: dict[str, Path] = {}
 
     def get(self, method: str) -> Path:
-        """A run of ``method`` on the tiny Llama, else (bitfit: Llama has no biases) on the tiny BERT."""
+        """A run of ``method`` on the tiny Llama, else (bitfit: Llama has no biases) on the tiny BERT (method=moe:
+        on the tiny Llama upcycled into an MoE)."""
         if method not in self.cache:
-            for i, (model, dataset) in enumerate((LLAMA, BERT)):
+            candidates = MODELS_FOR.get(method, (LLAMA, BERT))
+            for i, (model, dataset, *extra) in enumerate(candidates):
                 try:
-                    self.cache[method] = train_run(self.root / f"{method}_{model}", method, model, dataset)
+                    self.cache[method] = train_run(self.root / f"{method}_{model}", method, model, dataset, *extra)
                     break
                 except MethodNotApplicable:
-                    if i == 1:
+                    if i == len(candidates) - 1:
                         raise
         return self.cache[method]
 
