@@ -10,7 +10,8 @@ it wrote its config). Metrics come from ``metrics.json`` (written by ``ftune tra
 are listed as failed, with the first line of their ``error.txt``.
 
 Columns: run, method, every hyperparameter that differs between the runs (when the model or dataset
-differs, only its name), trainable %, the metric, train time, tokens/s and peak memory. Written to
+differs, only its name), trainable %, the metric, the lm-evaluation-harness metrics any run has
+(``harness/<task>/<metric>``, from ``ftune eval harness.tasks=...``), train time, tokens/s and peak memory. Written to
 ``comparison.md``, ``comparison.csv`` and ``comparison.png`` in the sweep directory, or in ``out=``.
 """
 
@@ -125,7 +126,7 @@ def load_row(path: Path, base: Path | None) -> RunRow:
     if row.error is None and (path / "error.txt").exists():
         text = (path / "error.txt").read_text().strip()
         row.error = text.splitlines()[0] if text else "failed (empty error.txt)"
-    elif row.error is None and not any(k.startswith("eval/") for k in row.metrics):
+    elif row.error is None and not any(k.startswith(("eval/", "harness/")) for k in row.metrics):
         row.error = "no metrics.json: the run did not finish (interrupted, or still running)"
     if "method.name" not in row.config and "_" in path.name:  # a failed sweep job: name it by its directory
         row.config.setdefault("method.name", path.name.split("_", 1)[1])
@@ -181,15 +182,22 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def harness_keys(rows: list[RunRow], metric: str) -> list[str]:
+    """The lm-evaluation-harness metrics (``harness/<task>/<metric>``, from `ftune eval harness.tasks=...`) of any run."""
+    return sorted({k for r in rows for k in r.metrics if k.startswith("harness/") and k != metric})
+
+
 def build_table(rows: list[RunRow], metric: str) -> tuple[list[str], list[list[Any]]]:
     keys = differing_keys(rows)
-    header = ["run", "method", *keys, "trainable %", metric, "train time (s)", "tokens/s", "peak memory (MB)", "status"]
+    harness = harness_keys(rows, metric)
+    header = ["run", "method", *keys, "trainable %", metric, *harness, "train time (s)", "tokens/s",
+              "peak memory (MB)", "status"]
     body = []
     for r in rows:
         m = r.metrics
         body.append([
             r.name, r.method, *[r.config.get(k) for k in keys], m.get("trainable_percent"), m.get(metric),
-            m.get("train_runtime_s"), m.get("tokens_per_s"), m.get("peak_memory_mb"),
+            *[m.get(k) for k in harness], m.get("train_runtime_s"), m.get("tokens_per_s"), m.get("peak_memory_mb"),
             "failed" if r.failed else "ok",
         ])
     return header, body
