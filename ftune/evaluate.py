@@ -536,6 +536,10 @@ def run_eval(cfg) -> dict[str, Any]:
         samples = score_generations(model, tokenizer, data_cfg, max_length, seed, model_cfg.chat_template, split,
                                     e, device, metrics)
     trainable, total = trainable_parameters(model)
+    if run_cfg is not None and (Path(str(cfg.run)) / "metrics.json").exists():
+        # a loaded adapter is frozen (nothing requires grad): what the run trained is in its metrics.json
+        trained = json.loads((Path(str(cfg.run)) / "metrics.json").read_text())
+        trainable, total = int(trained.get("trainable_params", trainable)), int(trained.get("total_params", total))
 
     report: dict[str, Any] = {
         **metrics,

@@ -152,18 +152,27 @@ def _model_device(model) -> str:
         return "cpu"
 
 
-def evaluate_harness(model, tokenizer, h, seed: int = 1234) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run the lm-eval tasks of ``h`` (the ``harness`` config node) on a loaded causal LM.
-
-    Returns (flat ``harness/<task>/<metric>`` metrics, the details kept in harness.json).
-    """
-    evaluator, HFLM, TaskManager = _import_lm_eval()
+def resolve_tasks(h) -> tuple[Any, list[Any]]:
+    """(lm-eval TaskManager, what it loads for each of ``h.tasks``); unknown tasks raise before a model is loaded."""
+    _, _, TaskManager = _import_lm_eval()
     tasks = _as_list(h.get("tasks"))
     folders = [str(p) for p in include_paths(h.get("include_path"))]
     manager = TaskManager(include_path=folders, include_defaults=False)  # lm-eval's 14k tasks take seconds to index
     if any(t not in manager.task_index and not t.endswith((".yaml", ".yml")) for t in tasks):
         manager = TaskManager(include_path=folders)
-    specs = task_specs(tasks, manager)
+    return manager, task_specs(tasks, manager)
+
+
+def evaluate_harness(model, tokenizer, h, seed: int = 1234, tasks: tuple[Any, list[Any]] | None = None
+                     ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run the lm-eval tasks of ``h`` (the ``harness`` config node) on a loaded causal LM.
+
+    ``tasks``: what :func:`resolve_tasks` returned (resolved now if None). Returns (flat
+    ``harness/<task>/<metric>`` metrics, the details kept in harness.json).
+    """
+    evaluator, HFLM, _ = _import_lm_eval()
+    manager, specs = tasks or resolve_tasks(h)
+    tasks = _as_list(h.get("tasks"))
     limit = h.get("limit")
     if limit is not None:
         limit = float(limit) if float(limit) < 1 else int(limit)
@@ -276,12 +285,12 @@ def run_harness(cfg) -> dict[str, Any]:
     from ftune.runs import base_model_config, check_run_dir, load_run, resolve_device, run_config
 
     h = cfg.harness
-    _import_lm_eval()  # said before any model is loaded
     device = resolve_device(str(cfg.device))
     model_override = validate_group(cfg, "model") if cfg.get("model") is not None else None
     if cfg.get("dataset") is not None:
         raise FtuneError("harness.tasks evaluates lm-evaluation-harness tasks, which bring their own data; drop "
                          "dataset=... (or drop harness.tasks to evaluate the run on a dataset with ftune's own eval).")
+    resolved = resolve_tasks(h)  # a missing lm-eval or an unknown task: said before any model is loaded
     if cfg.get("run"):
         run_task = task_of(validate_group(run_config(check_run_dir(cfg.run)), "dataset"))
         if run_task != "causal_lm":
@@ -315,7 +324,7 @@ def run_harness(cfg) -> dict[str, Any]:
     console.print(f"[bold]ftune eval[/] · lm-evaluation-harness · {info['source']} · tasks {', '.join(tasks)}"
                   + (f" · limit {h.limit}" if h.get("limit") is not None else ""), soft_wrap=True)
     with console.status(f"lm-evaluation-harness: {', '.join(tasks)}"):
-        metrics, details = evaluate_harness(model, tokenizer, h, seed)
+        metrics, details = evaluate_harness(model, tokenizer, h, seed, resolved)
     console.print(metrics_table(metrics, f"lm-evaluation-harness · {info['source']}"))
     if out is None:
         console.print("[dim]not saved: pass out=<dir> to write eval.json (and list the model in `ftune compare`)[/]")
