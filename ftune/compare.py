@@ -30,7 +30,7 @@ from ftune.errors import FtuneError
 
 SKIP_DIRS = {"adapter", "tokenizer", "checkpoints", ".submitit", ".hydra", "__pycache__"}
 # keys that differ between runs without being hyperparameters
-IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progress", "hydra")
+IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progress", "hydra", "evaluated_run")
 # groups that are shown by name only when they differ in name (a model swap changes every model.config.* key)
 NAMED_GROUPS = {"model": "model.name", "dataset": "dataset.name", "optimizer": "optimizer._target_",
                 "scheduler": "scheduler._target_"}

@@ -301,8 +301,11 @@ def run_harness(cfg) -> dict[str, Any]:
             loaded = load_run(cfg.run, device, model_cfg=model_override)
         model, tokenizer, run_cfg = loaded.model, loaded.tokenizer, loaded.cfg
         model_cfg = model_override or validate_group(run_cfg, "model")
-        # (trainable parameters: the run's metrics.json has them; the loaded adapter is frozen)
         info = {"source": f"run {cfg.run}", "method": loaded.method.name, "model": model_label(model_cfg)}
+        trained = Path(str(cfg.run)) / "metrics.json"  # what the run trained (the loaded adapter is frozen)
+        if trained.exists():
+            info.update({k: v for k, v in json.loads(trained.read_text()).items()
+                         if k in ("trainable_params", "total_params", "trainable_percent")})
         out = Path(str(cfg.out)) if cfg.get("out") else Path(str(cfg.run))
         seed = int(run_cfg.get("seed", cfg.seed))
     elif model_override is not None:
@@ -320,6 +323,10 @@ def run_harness(cfg) -> dict[str, Any]:
     else:
         raise FtuneError("Nothing to evaluate: pass run=<a run directory> (`ftune eval run=runs/x harness.tasks=[dates_mc]`), "
                          "or model=<model config> (a base or merged model) with out=<dir> for the baseline row.")
+    if h.get("apply_chat_template") and not getattr(tokenizer, "chat_template", None):
+        from ftune.data.formats import chat_template_for
+
+        tokenizer.chat_template = chat_template_for(tokenizer, model_cfg.chat_template)  # as ftune's chat training uses
     tasks = _as_list(h.get("tasks"))
     console.print(f"[bold]ftune eval[/] · lm-evaluation-harness · {info['source']} · tasks {', '.join(tasks)}"
                   + (f" · limit {h.limit}" if h.get("limit") is not None else ""), soft_wrap=True)
@@ -331,10 +338,13 @@ def run_harness(cfg) -> dict[str, Any]:
         return {**info, **metrics}
     out.mkdir(parents=True, exist_ok=True)
     file = update_eval_json(out, metrics, details, info)
-    if run_cfg is None and not (out / "config.yaml").exists():  # so `ftune compare` lists the baseline
-        base = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg)), "method": {"name": "base"},
-                "seed": seed}
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(base)))
+    if not (out / "config.yaml").exists():  # so `ftune compare` lists the baseline (or the run evaluated elsewhere)
+        if run_cfg is None:
+            saved = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg)), "method": {"name": "base"},
+                     "seed": seed}
+        else:
+            saved = {**OmegaConf.to_container(run_cfg), "evaluated_run": str(cfg.run)}
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
     card = update_card(out, card_section(metrics, details, _command()))
     console.print(f"[bold green]wrote[/] {file}, {out / 'harness.json'}" + (f", {card}" if card else ""))
     return {**info, **metrics}

@@ -100,15 +100,21 @@ def test_base_model_baseline_and_compare_columns(run, tmp_path):
     base = tmp_path / "base"
     ftune("eval", "model=tiny_llama", "harness.tasks=[dates_mc]", f"harness.limit={LIMIT}", f"out={base}")
     assert "method:\n  name: base" in (base / "config.yaml").read_text()
-    result = compare([run, base], out=tmp_path / "cmp")
+    # the run evaluated into another folder (with the chat template): a row of its own
+    ftune("eval", f"run={run}", "harness.tasks=[dates_mc]", f"harness.limit={LIMIT}", "harness.apply_chat_template=true",
+          f"out={tmp_path / 'lora_chat'}")
+    result = compare([run, base, tmp_path / "lora_chat"], out=tmp_path / "cmp")
     header, rows = result["header"], result["rows"]
     assert "harness/dates_mc/acc" in header and "harness/dates_mc/acc_norm" in header
+    assert "evaluated_run" not in header
     by_run = {r[0].rsplit("/", 1)[-1]: dict(zip(header, r, strict=True)) for r in rows}
-    assert set(by_run) == {"lora", "base"} and all(r["status"] == "ok" for r in by_run.values())
+    assert set(by_run) == {"lora", "base", "lora_chat"} and all(r["status"] == "ok" for r in by_run.values())
     trained = json.loads((run / "metrics.json").read_text())
     assert trained["trainable_percent"] > 0  # (not the 0 of the frozen reload)
     assert by_run["lora"]["trainable %"] == pytest.approx(trained["trainable_percent"])
-    assert by_run["base"]["trainable %"] == 0
+    assert by_run["lora_chat"]["trainable %"] == pytest.approx(trained["trainable_percent"])
+    assert by_run["lora_chat"]["method"] == "lora" and by_run["base"]["trainable %"] == 0
+    assert json.loads((tmp_path / "lora_chat" / "eval.json").read_text())["harness"]["apply_chat_template"] is True
     for name, folder in (("lora", run), ("base", base)):
         assert by_run[name]["harness/dates_mc/acc"] == json.loads((folder / "eval.json").read_text())["harness/dates_mc/acc"]
     assert "harness/dates_mc/acc" in (tmp_path / "cmp" / "comparison.md").read_text()
