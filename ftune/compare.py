@@ -305,12 +305,12 @@ def print_table(header: list[str], body: list[list[Any]], best: int | None, titl
     console.print(table)
 
 
-def compare(paths: list[str | Path], out: str | Path | None = None, metric: str | None = None) -> dict[str, Any]:
-    """Compare the runs in ``paths``; write comparison.md/.csv/.png; returns the table and file paths."""
-    from ftune.progress import console
-
+def collect_rows(paths: list[str | Path], metric: str | None, command: str = "compare"
+                 ) -> tuple[list[RunRow], Path, str]:
+    """(the runs in ``paths`` sorted by name, the folder they are named relative to, the metric to rank by)."""
     if not paths:
-        raise FtuneError("Pass a sweep directory or run directories: `ftune compare runs/sweep` (see `ftune compare --help`).")
+        raise FtuneError(f"Pass a sweep directory or run directories: `ftune {command} runs/sweep` "
+                         f"(see `ftune {command} --help`).")
     paths = [Path(str(p)).expanduser() for p in paths]
     run_dirs = find_runs(paths)
     if len(paths) == 1 and not is_run_dir(paths[0]):
@@ -318,7 +318,14 @@ def compare(paths: list[str | Path], out: str | Path | None = None, metric: str 
     else:
         base = Path(os.path.commonpath([str(p) for p in run_dirs])) if len(run_dirs) > 1 else run_dirs[0].parent
     rows = sorted((load_row(p, base) for p in run_dirs), key=lambda r: _natural_key(r.name))
-    metric = choose_metric(rows, metric)
+    return rows, base, choose_metric(rows, metric)
+
+
+def compare(paths: list[str | Path], out: str | Path | None = None, metric: str | None = None) -> dict[str, Any]:
+    """Compare the runs in ``paths``; write comparison.md/.csv/.png; returns the table and file paths."""
+    from ftune.progress import console
+
+    rows, base, metric = collect_rows(paths, metric)
     header, body = build_table(rows, metric)
     best = best_index(rows, metric)
     out_dir = Path(str(out)).expanduser() if out else base
@@ -348,11 +355,12 @@ metric defaults to eval/accuracy, else eval/exact_match, else eval/loss; eval.js
 wins over metrics.json (ftune train) where both have a metric."""
 
 
-def main(argv: list[str]) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(prog="ftune compare", usage=USAGE, description=DESCRIPTION,
+def parse_paths_args(argv: list[str], prog: str, usage: str, description: str, out_help: str) -> argparse.Namespace:
+    """``PATH ... [out=X] [metric=KEY]`` (compare, report): paths, ``args.out`` and ``args.metric``."""
+    parser = argparse.ArgumentParser(prog=prog, usage=usage, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", metavar="PATH", help="a run directory, or a directory holding runs")
-    parser.add_argument("--out", default=None, metavar="DIR", help="where to write (also out=DIR); default: the sweep dir")
+    parser.add_argument("--out", default=None, metavar="PATH", help=out_help)
     parser.add_argument("--metric", default=None, metavar="KEY", help="the metric column (also metric=KEY)")
     args_in = []
     for a in argv:  # key=value, like the other commands
@@ -363,5 +371,10 @@ def main(argv: list[str]) -> dict[str, Any] | None:
             continue
         else:
             args_in.append(a)
-    args = parser.parse_args(args_in)
+    return parser.parse_args(args_in)
+
+
+def main(argv: list[str]) -> dict[str, Any] | None:
+    args = parse_paths_args(argv, "ftune compare", USAGE, DESCRIPTION,
+                            "where to write (also out=DIR); default: the sweep dir")
     return compare(args.paths, args.out, args.metric)

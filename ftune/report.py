@@ -13,12 +13,10 @@ then eval.json, failed runs with the first line of their error.txt); every text 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +24,15 @@ from ftune.compare import (
     LOWER_IS_BETTER,
     RunRow,
     _fmt,
-    _natural_key,
     best_index,
     build_table,
-    choose_metric,
-    find_runs,
+    collect_rows,
     is_run_dir,
-    load_row,
+    parse_paths_args,
 )
 from ftune.compare import plot as plot_metric_vs_trainable
 from ftune.errors import FtuneError
-from ftune.outputs import read_metrics
+from ftune.outputs import draw_loss, read_metrics
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -106,24 +102,13 @@ def curves_png(rows: list[dict], title: str) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
-    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r and "step" in r]
     others = sorted({k for r in rows for k in r if k.startswith("eval/") and k not in ("eval/loss", "eval/examples")
                      and isinstance(r[k], (int, float)) and not isinstance(r[k], bool)})
     others = [k for k in others if sum(k in r for r in rows) > 1]
-    if not train and not evals:
+    if not any("loss" in r or "eval/loss" in r for r in rows):
         return None
     fig, axes = plt.subplots(1, 2 if others else 1, figsize=(10 if others else 6, 3.6), squeeze=False)
-    ax = axes[0][0]
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    draw_loss(axes[0][0], rows, title)
     if others:
         ax2 = axes[0][1]
         for k in others:
@@ -222,17 +207,8 @@ def page(title: str, body: str) -> str:
 
 def build_report(paths: list[str | Path], metric: str | None = None) -> tuple[str, Path, dict[str, Any]]:
     """(the HTML, the folder it belongs in by default, a summary) for the runs in ``paths``."""
-    if not paths:
-        raise FtuneError("Pass a run directory or a sweep directory: `ftune report runs/x` (see `ftune report --help`).")
-    paths = [Path(str(p)).expanduser() for p in paths]
-    run_dirs = find_runs(paths)
-    if len(paths) == 1 and not is_run_dir(paths[0]):
-        base = paths[0].resolve()
-    else:
-        base = Path(os.path.commonpath([str(p) for p in run_dirs])) if len(run_dirs) > 1 else run_dirs[0].parent
-    rows = sorted((load_row(p, base) for p in run_dirs), key=lambda r: _natural_key(r.name))
-    metric = choose_metric(rows, metric)
-    if len(rows) == 1 and is_run_dir(paths[0]) and len(paths) == 1:
+    rows, base, metric = collect_rows(paths, metric, "report")
+    if len(rows) == 1 and len(paths) == 1 and is_run_dir(Path(str(paths[0])).expanduser()):
         row = rows[0]
         title = f"ftune report · {row.name}"
         head = (f"<h1>{_e(title)}</h1><p>Run <code>{_e(row.path)}</code> · method <b>{_e(row.method)}</b>"
@@ -289,19 +265,6 @@ the failed runs with their reason. Written into the run or sweep directory, or t
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="ftune report", usage=USAGE, description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="*", metavar="PATH", help="a run directory, or a directory holding runs")
-    parser.add_argument("--out", default=None, metavar="PATH", help="a folder or .html file (also out=...)")
-    parser.add_argument("--metric", default=None, metavar="KEY", help="the metric of the table and plot (also metric=KEY)")
-    args_in = []
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if sep and key in ("out", "metric"):
-            args_in += [f"--{key}", value]
-        elif a in ("verbose=true", "verbose=True"):
-            continue
-        else:
-            args_in.append(a)
-    args = parser.parse_args(args_in)
+    args = parse_paths_args(argv, "ftune report", USAGE, DESCRIPTION,
+                            "a folder or .html file (also out=...); default: the run or sweep dir")
     return report(args.paths, args.out, args.metric)

@@ -20,7 +20,7 @@ from ftune.harness import SHIPPED_TASKS, metric_keys, task_specs
 from ftune.runs import load_run
 from ftune.train import train
 
-from conftest import compose_train
+from conftest import cli_inprocess, compose_train
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'ftune[harness]')")
 
@@ -29,11 +29,7 @@ FAST = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.max_length=64", 
 LIMIT = 8
 
 
-def ftune(*argv: str) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        cli.main(list(argv))
-    return buf.getvalue()
+ftune = cli_inprocess
 
 
 def ftune_exit(*argv: str) -> tuple[int, str]:

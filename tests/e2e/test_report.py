@@ -4,9 +4,7 @@ a click on a header sorts the table, the plots are decoded images, and nothing i
 
 from __future__ import annotations
 
-import contextlib
 import html
-import io
 import os
 import re
 import shutil
@@ -14,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ftune import cli
 from ftune.compare import compare
 from ftune.report import report
+
+from conftest import cli_inprocess
 
 TINY = ["trainer.max_steps=4", "trainer.batch_size=4", "trainer.max_length=32", "trainer.log_every=1",
         "trainer.eval_every=2", "trainer.progress=false", "dataset.max_samples=16", "dataset.max_eval_samples=8"]
@@ -24,11 +23,7 @@ HOSTILE = '<script>window.hacked = 1</script><img src="http://example.com/x.png"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
-def ftune(*argv: str) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        cli.main(list(argv))
-    return buf.getvalue()
+ftune = cli_inprocess
 
 
 @pytest.fixture(scope="module")
