@@ -33,7 +33,7 @@ from ftune.errors import FtuneError
 
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
                  "loss.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
-                 "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
+                 "eval_predictions.jsonl", "harness.json", "report.html", "comparison.md", "comparison.csv", "comparison.png",
                  "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors")
 STAGES_DIR = "stages"  # a strategy's earlier stages (domain_adapt: stages/pretrain), kept by the run's own setup
 
