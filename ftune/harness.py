@@ -176,7 +176,8 @@ def evaluate_harness(model, tokenizer, h, seed: int = 1234, tasks: tuple[Any, li
     limit = h.get("limit")
     if limit is not None:
         limit = float(limit) if float(limit) < 1 else int(limit)
-    lm_kwargs: dict[str, Any] = {"batch_size": int(h.get("batch_size") or 1)}
+    batch = h.get("batch_size") or 1
+    lm_kwargs: dict[str, Any] = {"batch_size": batch if str(batch).startswith("auto") else int(batch)}
     if h.get("max_length"):
         lm_kwargs["max_length"] = int(h.max_length)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, **lm_kwargs)
@@ -227,8 +228,7 @@ def update_eval_json(out: Path, metrics: dict[str, float], details: dict[str, An
             report = {}
     for task in details["tasks"]:  # a task evaluated again replaces its old numbers
         report = {k: v for k, v in report.items() if not k.startswith(f"harness/{task}/")}
-    for k, v in info.items():
-        report.setdefault(k, v)
+    report.update(info)
     report.update(metrics)
     report["harness"] = {k: details[k] for k in ("tasks", "limit", "num_fewshot", "apply_chat_template",
                                                  "n-samples", "lm_eval_version")}
