@@ -145,6 +145,15 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
+def _lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "?"
+
+
 def _model_device(model) -> str:
     try:
         return str(next(model.parameters()).device)
@@ -212,7 +221,7 @@ def evaluate_harness(model, tokenizer, h, seed: int = 1234, tasks: tuple[Any, li
         "apply_chat_template": bool(h.get("apply_chat_template")), "seconds": round(seconds, 2),
         "results": out.get("results"), "n-shot": out.get("n-shot"), "n-samples": out.get("n-samples"),
         "versions": out.get("versions"), "higher_is_better": out.get("higher_is_better"),
-        "lm_eval_version": out.get("lm_eval_version"), "device": _model_device(model),
+        "lm_eval_version": _lm_eval_version(), "device": _model_device(model),
     }
     return metrics, details
 

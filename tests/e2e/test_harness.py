@@ -85,6 +85,9 @@ def test_harness_on_a_run_into_eval_json_and_card(run):
     assert details["results"]["dates_mc"]["acc,none"] == acc and details["n-shot"]["dates_mc"] == 0
     card = (run / "README.md").read_text()
     assert card.count("## lm-evaluation-harness") == 1 and f"| dates_mc | acc | {acc:.4f} |" in card
+    from importlib.metadata import version
+
+    assert f"(lm-eval {version('lm_eval')};" in card and report["harness"]["lm_eval_version"] == version("lm_eval")
     # again: the section and the keys are replaced, not added twice; then ftune's own eval keeps them
     ftune("eval", f"run={run}", "harness.tasks=[dates_mc]", f"harness.limit={LIMIT}")
     assert (run / "README.md").read_text().count("## lm-evaluation-harness") == 1
