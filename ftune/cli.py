@@ -1,4 +1,4 @@
-"""`ftune <command> [hydra overrides]`: one flat map of subcommands, each a Hydra app (but compare).
+"""`ftune <command> [hydra overrides]`: one flat map of subcommands, each a Hydra app (but compare and report).
 
     ftune train [key=value ...]        fine-tune (Hydra multirun with -m; --cfg job shows the config)
     ftune eval run=runs/x              evaluate a run (or model=<config> dataset=<config>: a base model)
@@ -6,6 +6,7 @@
     ftune generate run=runs/x prompt=  sample from a causal-LM run
     ftune export run=runs/x format=gguf|ollama|onnx out=DIR   files for llama.cpp, Ollama, ONNX Runtime
     ftune compare DIR [DIR ...]        table + plot across runs (plain paths, not a Hydra app)
+    ftune report DIR [DIR ...]         one self-contained report.html for a run or a sweep (plain paths)
     ftune --help                       this list
 """
 
@@ -29,8 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", 'complete a prompt with a causal-LM run: ftune generate run=runs/x prompt="..."'),
     "export": ("export", "export a run, checked by reloading: ftune export run=runs/x format=gguf|ollama|onnx quant=q8_0 out=DIR"),
     "compare": ("", "compare runs: ftune compare runs/sweep [runs/y ...] [out=DIR] [metric=eval/loss]"),
+    "report": ("", "an HTML report of a run or a sweep: ftune report runs/x | runs/sweep [out=DIR|FILE.html]"),
 }
-PLAIN_COMMANDS = ("compare",)  # take plain paths (a sweep dir is positional), not Hydra overrides
+PLAIN_COMMANDS = ("compare", "report")  # take plain paths (a sweep dir is positional), not Hydra overrides
 
 HELP = """ftune: config-driven fine-tuning of language models.
 
@@ -39,13 +41,14 @@ usage: ftune <command> [key=value ...] [-m] [--cfg job] [--help]
 commands:
 {commands}
 
-Each command but compare is a Hydra app: pick config groups (model=, dataset=, method=, strategy=,
+Each command but compare and report is a Hydra app: pick config groups (model=, dataset=, method=, strategy=,
 optimizer=, scheduler=, trainer=, logger=) and override any key (trainer.max_steps=50 optimizer.lr=2e-4). `ftune train`
 with no model, dataset or recipe chosen runs the quickstart recipe (SmolLM2 learning a small task).
 `ftune <command> --help` lists the options of every group; `-m` sweeps comma-separated values
 (`ftune train hparams_search=optuna` searches with Optuna, `hydra/launcher=slurm` runs on SLURM).
-compare takes plain paths: run directories or sweep directories holding runs, plus out=DIR and
-metric=KEY; it writes comparison.md, comparison.csv and comparison.png.
+compare and report take plain paths: run directories or sweep directories holding runs, plus out=
+and metric=KEY; compare writes comparison.md, comparison.csv and comparison.png, report one
+self-contained report.html (sortable table, plots embedded; no server, no network).
 """
 
 
@@ -342,10 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in PLAIN_COMMANDS:
-        from ftune.compare import main as compare_main
+        if command == "compare":
+            from ftune.compare import main as plain_main
+        else:
+            from ftune.report import main as plain_main
 
         try:
-            compare_main(rest)
+            plain_main(rest)
         except FtuneError as e:
             report_error(e, _verbose(rest))
             sys.exit(e.exit_code)

@@ -10,7 +10,8 @@ it wrote its config). Metrics come from ``metrics.json`` (written by ``ftune tra
 are listed as failed, with the first line of their ``error.txt``.
 
 Columns: run, method, every hyperparameter that differs between the runs (when the model or dataset
-differs, only its name), trainable %, the metric, train time, tokens/s and peak memory. Written to
+differs, only its name), trainable %, the metric, the lm-evaluation-harness metrics any run has
+(``harness/<task>/<metric>``, from ``ftune eval harness.tasks=...``), train time, tokens/s and peak memory. Written to
 ``comparison.md``, ``comparison.csv`` and ``comparison.png`` in the sweep directory, or in ``out=``.
 """
 
@@ -29,7 +30,7 @@ from ftune.errors import FtuneError
 
 SKIP_DIRS = {"adapter", "tokenizer", "checkpoints", ".submitit", ".hydra", "__pycache__"}
 # keys that differ between runs without being hyperparameters
-IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progress", "hydra")
+IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progress", "hydra", "evaluated_run")
 # groups that are shown by name only when they differ in name (a model swap changes every model.config.* key)
 NAMED_GROUPS = {"model": "model.name", "dataset": "dataset.name", "optimizer": "optimizer._target_",
                 "scheduler": "scheduler._target_"}
@@ -129,7 +130,7 @@ def load_row(path: Path, base: Path | None) -> RunRow:
     if row.error is None and (path / "error.txt").exists():
         text = (path / "error.txt").read_text().strip()
         row.error = text.splitlines()[0] if text else "failed (empty error.txt)"
-    elif row.error is None and not any(k.startswith("eval/") for k in row.metrics):
+    elif row.error is None and not any(k.startswith(("eval/", "harness/")) for k in row.metrics):
         row.error = "no metrics.json: the run did not finish (interrupted, or still running)"
     if "method.name" not in row.config and "_" in path.name:  # a failed sweep job: name it by its directory
         row.config.setdefault("method.name", path.name.split("_", 1)[1])
@@ -195,17 +196,23 @@ def task_columns(rows: list[RunRow], metric: str) -> list[str]:
     return [k for k in keys if k != metric]
 
 
+def harness_keys(rows: list[RunRow], metric: str) -> list[str]:
+    """The lm-evaluation-harness metrics (``harness/<task>/<metric>``, from `ftune eval harness.tasks=...`) of any run."""
+    return sorted({k for r in rows for k in r.metrics if k.startswith("harness/") and k != metric})
+
+
 def build_table(rows: list[RunRow], metric: str) -> tuple[list[str], list[list[Any]]]:
     keys = differing_keys(rows)
     tasks = task_columns(rows, metric)
-    header = ["run", "method", *keys, "trainable %", metric, *tasks, "train time (s)", "tokens/s", "peak memory (MB)",
-              "status"]
+    harness = harness_keys(rows, metric)
+    header = ["run", "method", *keys, "trainable %", metric, *tasks, *harness, "train time (s)", "tokens/s",
+              "peak memory (MB)", "status"]
     body = []
     for r in rows:
         m = r.metrics
         body.append([
             r.name, r.method, *[r.config.get(k) for k in keys], m.get("trainable_percent"), m.get(metric),
-            *[m.get(k) for k in tasks],
+            *[m.get(k) for k in tasks], *[m.get(k) for k in harness],
             m.get("train_runtime_s"), m.get("tokens_per_s"), m.get("peak_memory_mb"),
             "failed" if r.failed else "ok",
         ])
@@ -314,12 +321,12 @@ def print_table(header: list[str], body: list[list[Any]], best: int | None, titl
     console.print(table)
 
 
-def compare(paths: list[str | Path], out: str | Path | None = None, metric: str | None = None) -> dict[str, Any]:
-    """Compare the runs in ``paths``; write comparison.md/.csv/.png; returns the table and file paths."""
-    from ftune.progress import console
-
+def collect_rows(paths: list[str | Path], metric: str | None, command: str = "compare"
+                 ) -> tuple[list[RunRow], Path, str]:
+    """(the runs in ``paths`` sorted by name, the folder they are named relative to, the metric to rank by)."""
     if not paths:
-        raise FtuneError("Pass a sweep directory or run directories: `ftune compare runs/sweep` (see `ftune compare --help`).")
+        raise FtuneError(f"Pass a sweep directory or run directories: `ftune {command} runs/sweep` "
+                         f"(see `ftune {command} --help`).")
     paths = [Path(str(p)).expanduser() for p in paths]
     run_dirs = find_runs(paths)
     if len(paths) == 1 and not is_run_dir(paths[0]):
@@ -327,7 +334,14 @@ def compare(paths: list[str | Path], out: str | Path | None = None, metric: str 
     else:
         base = Path(os.path.commonpath([str(p) for p in run_dirs])) if len(run_dirs) > 1 else run_dirs[0].parent
     rows = sorted((load_row(p, base) for p in run_dirs), key=lambda r: _natural_key(r.name))
-    metric = choose_metric(rows, metric)
+    return rows, base, choose_metric(rows, metric)
+
+
+def compare(paths: list[str | Path], out: str | Path | None = None, metric: str | None = None) -> dict[str, Any]:
+    """Compare the runs in ``paths``; write comparison.md/.csv/.png; returns the table and file paths."""
+    from ftune.progress import console
+
+    rows, base, metric = collect_rows(paths, metric)
     header, body = build_table(rows, metric)
     best = best_index(rows, metric)
     out_dir = Path(str(out)).expanduser() if out else base
@@ -358,11 +372,12 @@ per-task eval/<task>/accuracy get columns too), else eval/accuracy, else eval/ex
 wins over metrics.json (ftune train) where both have a metric."""
 
 
-def main(argv: list[str]) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(prog="ftune compare", usage=USAGE, description=DESCRIPTION,
+def parse_paths_args(argv: list[str], prog: str, usage: str, description: str, out_help: str) -> argparse.Namespace:
+    """``PATH ... [out=X] [metric=KEY]`` (compare, report): paths, ``args.out`` and ``args.metric``."""
+    parser = argparse.ArgumentParser(prog=prog, usage=usage, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", metavar="PATH", help="a run directory, or a directory holding runs")
-    parser.add_argument("--out", default=None, metavar="DIR", help="where to write (also out=DIR); default: the sweep dir")
+    parser.add_argument("--out", default=None, metavar="PATH", help=out_help)
     parser.add_argument("--metric", default=None, metavar="KEY", help="the metric column (also metric=KEY)")
     args_in = []
     for a in argv:  # key=value, like the other commands
@@ -373,5 +388,10 @@ def main(argv: list[str]) -> dict[str, Any] | None:
             continue
         else:
             args_in.append(a)
-    args = parser.parse_args(args_in)
+    return parser.parse_args(args_in)
+
+
+def main(argv: list[str]) -> dict[str, Any] | None:
+    args = parse_paths_args(argv, "ftune compare", USAGE, DESCRIPTION,
+                            "where to write (also out=DIR); default: the sweep dir")
     return compare(args.paths, args.out, args.metric)

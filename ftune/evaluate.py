@@ -444,6 +444,10 @@ def run_eval(cfg) -> dict[str, Any]:
         run_config,
     )
 
+    if (cfg.get("harness") or {}).get("tasks"):  # lm-evaluation-harness tasks instead of ftune's own eval
+        from ftune.harness import run_harness
+
+        return run_harness(cfg)
     e = cfg.eval
     if e.split not in ("auto", "eval", "all"):
         raise FtuneError(f"eval.split must be auto, eval or all (got '{e.split}').")
@@ -537,6 +541,10 @@ def run_eval(cfg) -> dict[str, Any]:
         samples = score_generations(model, tokenizer, data_cfg, max_length, seed, model_cfg.chat_template, split,
                                     e, device, metrics)
     trainable, total = trainable_parameters(model)
+    if run_cfg is not None and (Path(str(cfg.run)) / "metrics.json").exists():
+        # a loaded adapter is frozen (nothing requires grad): what the run trained is in its metrics.json
+        trained = json.loads((Path(str(cfg.run)) / "metrics.json").read_text())
+        trainable, total = int(trained.get("trainable_params", trainable)), int(trained.get("total_params", total))
 
     report: dict[str, Any] = {
         **metrics,
@@ -561,7 +569,7 @@ def run_eval(cfg) -> dict[str, Any]:
                 for s in samples:
                     f.write(json.dumps(s) + "\n")
             extra_files.append("eval_predictions.jsonl")
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        (out / "eval.json").write_text(json.dumps(_keep_harness(out / "eval.json", report), indent=2))
         if run_cfg is None and not (out / "config.yaml").exists():  # so `ftune compare` lists the baseline
             base = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg)),
                     "dataset": OmegaConf.to_container(OmegaConf.structured(data_cfg)),
@@ -571,6 +579,15 @@ def run_eval(cfg) -> dict[str, Any]:
     else:
         console.print("[dim]not saved: pass out=<dir> to write eval.json[/]")
     return report
+
+
+def _keep_harness(file: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` plus the lm-evaluation-harness results an earlier `ftune eval harness.tasks=...` left in ``file``."""
+    try:
+        old = json.loads(file.read_text()) if file.exists() else {}
+    except ValueError:
+        old = {}
+    return {**report, **{k: v for k, v in old.items() if k == "harness" or k.startswith("harness/")}}
 
 
 def _confusion_table(matrix: list[list[int]], label_names: list[str]):

@@ -34,8 +34,9 @@ from ftune.errors import FtuneError
 
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
                  "loss.png", "moe.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
-                 "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
-                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors")
+                 "eval_predictions.jsonl", "harness.json", "report.html", "comparison.md", "comparison.csv", "comparison.png",
+                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors",
+                 "heads", "tasks.json")
 STAGES_DIR = "stages"  # a strategy's earlier stages (domain_adapt: stages/pretrain), kept by the run's own setup
 
 
@@ -115,16 +116,10 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_loss(rows: list[dict], out: Path, title: str) -> None:
-    """loss.png: training loss per logging step, eval loss as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+def draw_loss(ax, rows: list[dict], title: str) -> None:
+    """Training loss per logging step and eval loss as points, on a matplotlib axes (loss.png, ftune report)."""
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r and "step" in r]
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue")
     if evals:
@@ -133,7 +128,19 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> None:
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
+
+
+def plot_loss(rows: list[dict], out: Path, title: str) -> None:
+    """loss.png: training loss per logging step, eval loss as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    draw_loss(ax, rows, title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

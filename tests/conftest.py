@@ -54,6 +54,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     return subprocess.run([str(FTUNE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_inprocess(*argv: str) -> str:
+    """The ftune CLI in this process (real Hydra apps and multiruns, faster than a subprocess); its output."""
+    import contextlib
+    import io
+
+    from ftune import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        cli.main(list(argv))
+    return buf.getvalue()
+
+
 def write_target(root: Path, n: int = 10) -> list[str]:
     """An unlabelled target domain (kitchen appliances) and its labelled eval file; the strategy's overrides."""
     root.mkdir(parents=True, exist_ok=True)

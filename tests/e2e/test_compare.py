@@ -131,7 +131,7 @@ def test_help_lists_every_command():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         cli.main(["--help"])
-    for command in ("train", "eval", "merge", "generate", "compare"):
+    for command in ("train", "eval", "merge", "generate", "compare", "report"):
         assert f"  {command} " in out.getvalue()
     with pytest.raises(SystemExit) as e:
         ftune("compare", "--help")
