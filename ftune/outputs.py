@@ -164,8 +164,8 @@ def run_command(cfg: DictConfig) -> str:
     return shlex.join(["ftune", *words])
 
 
-def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
-    """README.md: what was trained, on what, how to reproduce and load it."""
+def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any], extra: list[str] | None = None) -> None:
+    """README.md: what was trained, on what, how to reproduce and load it (``extra``: a strategy's own section)."""
     model = cfg.model.path or f"{cfg.model.name} (built from config)"
     command = run_command(cfg)
     rows = "\n".join(
@@ -196,4 +196,6 @@ Weights are in `adapter/`; the resolved configuration is `config.yaml`.
 ftune eval run={path}
 ```
 """
+    if extra:
+        text += "\n" + "\n".join(extra) + "\n"
     (path / "README.md").write_text(text)

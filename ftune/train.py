@@ -171,9 +171,11 @@ def checked_settings(cfg: DictConfig) -> tuple[TrainerConfig, ModelConfig, Datas
     """Every group of the config validated, before anything loads (and before a strategy's earlier stages)."""
     trainer = validate_group(cfg, "trainer")
     model_cfg = validate_group(cfg, "model")
-    data_cfg: DatasetConfig = validate_group(cfg, "dataset")
+    strategy = build_strategy(cfg.get("strategy"))  # validates its settings: strategy=none unless the config names one
+    # the run's dataset (continual: its last stage's)
+    data_cfg: DatasetConfig = validate_group(OmegaConf.create({"dataset": strategy.dataset_config(cfg.dataset)}),
+                                             "dataset")
     method = build_method(cfg.method)  # validates method settings before any loading
-    strategy = build_strategy(cfg.get("strategy"))  # likewise: strategy=none unless the config names one
     check_settings(cfg, trainer, data_cfg, method.settings, strategy.settings)  # every numeric range, in one paragraph
     strategy.check()
     check_target(cfg.optimizer, "optimizer")
@@ -223,6 +225,7 @@ def setup(cfg: DictConfig) -> Run:
         strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing,
                                       dataset=data_cfg, max_length=trainer.max_length, seed=cfg.seed,
                                       train_examples=data.train, batch_size=eval_batch_size,
+                                      max_new_tokens=trainer.eval_max_new_tokens, chat_template=model_cfg.chat_template,
                                       evaluate=other_model_evaluator(data, Collator(tokenizer.pad_token_id, task),
                                                                      device, eval_batch_size, autocast_dtype)))
         model = strategy.base_model(lambda: build_model(
@@ -711,7 +714,7 @@ def write_outputs(run: Run, metrics: dict[str, Any]) -> None:
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_loss(read_metrics(run.out / "metrics.jsonl"), run.out / "loss.png",
               f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
-    write_card(run.out, run.cfg, metrics)
+    write_card(run.out, run.cfg, metrics, run.strategy.card_lines())
     run.trackers.log_final(metrics, step=metrics["train_steps"])
     for name in ("loss.png", "metrics.json"):
         run.trackers.artifact(run.out / name)
