@@ -385,6 +385,12 @@ class Continual(Strategy):
         resume, overwrite = cfg.get("resume"), bool(cfg.get("overwrite"))
         full = OmegaConf.to_container(cfg, resolve=True)
         self.task_configs(full["dataset"])  # every stage's data checked before the first one trains
+        if self.settings.per_task_adapters:
+            from ftune.methods.base import build_method
+            from ftune.methods.lora import PeftMethod
+
+            if not isinstance(build_method(cfg.method), PeftMethod):
+                raise FtuneError(per_task_refusal(cfg.method.name))
         if (out / STAGES_DIR).exists() and not (resume or overwrite):
             raise FtuneError(
                 f"output_dir '{out}' already holds the stages of another run ({out / STAGES_DIR}). Nothing was "
@@ -455,9 +461,7 @@ class Continual(Strategy):
         s = self.settings
         self.model, self.device = model, ctx.device
         if s.per_task_adapters and not (hasattr(model, "peft_config") and hasattr(model, "add_adapter")):
-            raise FtuneError(
-                "strategy.per_task_adapters=true keeps a separate peft adapter per task (chosen by task at eval), and "
-                "this run's method trains no peft adapter. Use method=lora (or another peft method: dora, ia3, ...).")
+            raise FtuneError(per_task_refusal(None))
         found = head_of(model) if self.task == "seq_cls" else None
         self.head_name, self.head = found if found else (None, None)
         heads = self.previous.get("heads", {})
@@ -684,6 +688,11 @@ class Continual(Strategy):
             return []
         return ["## Continual learning", "", *matrix_markdown(self.matrix, self.names, continual_metrics(self.matrix)),
                 "", "![accuracy matrix](continual.png)"]
+
+
+def per_task_refusal(method: str | None) -> str:
+    return (f"strategy.per_task_adapters=true keeps a separate peft adapter per task (chosen by task at eval), and "
+            f"{f'method={method}' if method else 'the run method'} trains no peft adapter. Use method=lora (or another peft method: dora, ia3, ...).")
 
 
 def targets_of(labels: torch.Tensor, task: str) -> int:
