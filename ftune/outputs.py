@@ -16,6 +16,9 @@
       tensorboard/ wandb/ mlflow.db mlartifacts/   what the chosen experiment trackers (logger=) wrote
       trackers.json    their tracked runs' ids (MLflow, W&B), so that resume=auto continues those runs
       student/         strategy=distill with student_layers: the student cut from the teacher (its base model)
+      stages/          a strategy's earlier stages, each a run directory (domain_adapt, continual)
+      continual.json   strategy=continual: the accuracy matrix R[i][j], average accuracy, backward transfer,
+      continual.png    forgetting; the matrix as a heatmap
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from ftune.errors import FtuneError
 RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.jsonl", "metrics.json",
                  "loss.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
                  "eval_predictions.jsonl", "comparison.md", "comparison.csv", "comparison.png",
-                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors")
+                 "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors",
+                 "continual.json", "continual.png")
 STAGES_DIR = "stages"  # a strategy's earlier stages (domain_adapt: stages/pretrain), kept by the run's own setup
 
 

@@ -172,8 +172,8 @@ def checked_settings(cfg: DictConfig) -> tuple[TrainerConfig, ModelConfig, Datas
     trainer = validate_group(cfg, "trainer")
     model_cfg = validate_group(cfg, "model")
     strategy = build_strategy(cfg.get("strategy"))  # validates its settings: strategy=none unless the config names one
-    # the run's dataset (continual: its last stage's)
-    data_cfg: DatasetConfig = validate_group(OmegaConf.create({"dataset": strategy.dataset_config(cfg.dataset)}),
+    node = strategy.dataset_config(cfg.dataset)  # the run's dataset (continual: its last stage's)
+    data_cfg: DatasetConfig = validate_group(cfg if node is cfg.dataset else OmegaConf.create({"dataset": node}),
                                              "dataset")
     method = build_method(cfg.method)  # validates method settings before any loading
     check_settings(cfg, trainer, data_cfg, method.settings, strategy.settings)  # every numeric range, in one paragraph

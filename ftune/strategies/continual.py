@@ -325,6 +325,7 @@ class Continual(Strategy):
         self.check()
         base = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
         self.base_dataset = base  # every stage's dataset is this with its entry's keys on top
+        self.task_configs(base)  # every stage's dataset checked now, its errors named by stage
         return OmegaConf.create(self.stage_dataset(base, self.index))
 
     def task_configs(self, base: dict[str, Any]) -> list[DatasetConfig]:
