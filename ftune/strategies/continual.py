@@ -428,6 +428,14 @@ class Continual(Strategy):
                 raise FtuneError(f"Stage {self.names[i]} continues from stage {self.names[i - 1]}, whose results "
                                  f"({file}) are missing. Run the whole sequence again with overwrite=true.")
             self.previous = torch.load(file, weights_only=True)
+            mine = {k: v for k, v in self.identity().items() if k != "stage"}
+            theirs = self.previous.get("identity", mine)
+            changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+            if changed:
+                raise FtuneError(
+                    f"Stage {self.names[i - 1]} finished with other settings than this run's "
+                    f"({', '.join(f'strategy.{k}' for k in changed)}), so stage {self.names[i]} cannot continue "
+                    f"from it. Run the sequence again with overwrite=true, or with the settings it was trained with.")
         self.label_names = [list(x) for x in self.previous.get("label_names", [])] + [list(sctx.label_names)]
         # each task's eval examples (classification: ids in the order of the labels it trained with)
         self.evals: list[list[dict]] = []
@@ -650,7 +658,9 @@ class Continual(Strategy):
             return
         s = self.settings
         cpu = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        state: dict[str, Any] = {"stage": self.index, "rows": self.matrix, "label_names": self.label_names,
+        identity = {k: v for k, v in self.identity().items() if k != "stage"}
+        state: dict[str, Any] = {"stage": self.index, "identity": identity, "rows": self.matrix,
+                                 "label_names": self.label_names,
                                  "trainable": cpu, "heads": dict(self.previous.get("heads", {}))}
         if self.head is not None:
             state["heads"][self.head_key(self.index)] = {k: v.detach().float().cpu().clone()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -280,6 +281,9 @@ def test_kill_and_resume_in_either_stage_reproduce_the_uninterrupted_run(make_cf
     rows = [[{k: v for k, v in r.items() if k != "tokens_per_s"} for r in map(json.loads, (tmp_path / d / "metrics.jsonl")
              .read_text().splitlines()) if "loss" in r] for d in ("whole", "part")]
     assert rows[0] == rows[1] and any("strategy/replay_loss" in r and "strategy/ewc_penalty" in r for r in rows[0])
+    shutil.rmtree(tmp_path / "part/checkpoints")  # the last stage anew, with another lambda: the first is not reused
+    with pytest.raises(FtuneError, match=r"finished with other settings than this run's \(strategy\.ewc_lambda\)"):
+        train(make_cfg(*args, "resume=auto", "strategy.ewc_lambda=20", out="part"))
 
 
 def error_of(make_cfg, *overrides: str) -> str:
