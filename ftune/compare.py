@@ -28,7 +28,7 @@ from typing import Any
 
 from ftune.errors import FtuneError
 
-SKIP_DIRS = {"adapter", "tokenizer", "checkpoints", ".submitit", ".hydra", "__pycache__"}
+SKIP_DIRS = {"adapter", "tokenizer", "checkpoints", "stages", ".submitit", ".hydra", "__pycache__"}  # stages: a run's own
 # keys that differ between runs without being hyperparameters
 IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progress", "hydra")
 # groups that are shown by name only when they differ in name (a model swap changes every model.config.* key)
