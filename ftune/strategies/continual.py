@@ -95,7 +95,8 @@ class ContinualSettings(StrategySettings):
     replay_policy: str = "reservoir"  # reservoir | balanced (an equal share per task)
     per_task_adapters: bool = False  # a separate (peft) adapter per task, chosen by task at eval
     scorer: str = "exact_match"  # causal LM: exact_match | gsm8k, the score of R
-    stage: Optional[int] = None  # set by the run for its earlier stages (null: the run itself, the last stage)
+    # set by the run for its earlier stages (null: the run itself, the last stage)
+    stage: Optional[int] = ranged(None, NOT_NEGATIVE, "for the run itself (the last stage)")
 
 
 # --- the metrics of an accuracy matrix (tested on given matrices) ------------------------------------
