@@ -10,8 +10,10 @@ it wrote its config). Metrics come from ``metrics.json`` (written by ``ftune tra
 are listed as failed, with the first line of their ``error.txt``.
 
 Columns: run, method, every hyperparameter that differs between the runs (when the model or dataset
-differs, only its name), trainable %, the metric, the lm-evaluation-harness metrics any run has
-(``harness/<task>/<metric>``, from ``ftune eval harness.tasks=...``), train time, tokens/s and peak memory. Written to
+differs, only its name), trainable %, the metric (strategy=continual runs: also their backward transfer
+and forgetting; multi-task runs: each task's accuracy and the macro average), the lm-evaluation-harness metrics
+any run has (``harness/<task>/<metric>``, from ``ftune eval harness.tasks=...``), train time, tokens/s and peak
+memory. Written to
 ``comparison.md``, ``comparison.csv`` and ``comparison.png`` in the sweep directory, or in ``out=``.
 """
 
@@ -28,14 +30,17 @@ from typing import Any
 
 from ftune.errors import FtuneError
 
-SKIP_DIRS = {"adapter", "tokenizer", "checkpoints", ".submitit", ".hydra", "__pycache__"}
+SKIP_DIRS = {"adapter", "tokenizer", "checkpoints", "stages", ".submitit", ".hydra", "__pycache__"}  # stages: a run's own
 # keys that differ between runs without being hyperparameters
 IGNORED_KEYS = ("output_dir", "overwrite", "resume", "verbose", "trainer.progress", "hydra", "evaluated_run")
 # groups that are shown by name only when they differ in name (a model swap changes every model.config.* key)
 NAMED_GROUPS = {"model": "model.name", "dataset": "dataset.name", "optimizer": "optimizer._target_",
                 "scheduler": "scheduler._target_"}
-METRIC_PREFERENCE = ("eval/macro_accuracy", "eval/accuracy", "eval/exact_match", "eval/gsm8k", "eval/macro_f1", "eval/loss")
-LOWER_IS_BETTER = ("loss", "perplexity")
+METRIC_PREFERENCE = ("continual/average_accuracy", "eval/macro_accuracy", "eval/accuracy", "eval/exact_match",
+                     "eval/gsm8k", "eval/macro_f1", "eval/loss")
+LOWER_IS_BETTER = ("loss", "perplexity", "forgetting")
+# strategy=continual's summary of the accuracy matrix: columns of their own when a run has them
+CONTINUAL_COLUMNS = ("continual/average_accuracy", "continual/backward_transfer", "continual/forgetting")
 
 
 @dataclass
@@ -203,16 +208,17 @@ def harness_keys(rows: list[RunRow], metric: str) -> list[str]:
 
 def build_table(rows: list[RunRow], metric: str) -> tuple[list[str], list[list[Any]]]:
     keys = differing_keys(rows)
+    extra = [k for k in CONTINUAL_COLUMNS if k != metric and any(k in r.metrics for r in rows)]
     tasks = task_columns(rows, metric)
     harness = harness_keys(rows, metric)
-    header = ["run", "method", *keys, "trainable %", metric, *tasks, *harness, "train time (s)", "tokens/s",
+    header = ["run", "method", *keys, "trainable %", metric, *extra, *tasks, *harness, "train time (s)", "tokens/s",
               "peak memory (MB)", "status"]
     body = []
     for r in rows:
         m = r.metrics
         body.append([
             r.name, r.method, *[r.config.get(k) for k in keys], m.get("trainable_percent"), m.get(metric),
-            *[m.get(k) for k in tasks], *[m.get(k) for k in harness],
+            *[m.get(k) for k in extra], *[m.get(k) for k in tasks], *[m.get(k) for k in harness],
             m.get("train_runtime_s"), m.get("tokens_per_s"), m.get("peak_memory_mb"),
             "failed" if r.failed else "ok",
         ])
@@ -367,8 +373,9 @@ DESCRIPTION = """Compare runs: PATH is a run directory (holding config.yaml) or 
 output_dir of `ftune train -m ...`. Prints a table (method, the hyperparameters that differ, trainable
 %, the metric, train time, tokens/s, peak memory) and writes comparison.md, comparison.csv and
 comparison.png (metric vs trainable parameters) into the sweep directory, or into out=DIR.
-metric defaults to eval/macro_accuracy (multi-task runs, whose
-per-task eval/<task>/accuracy get columns too), else eval/accuracy, else eval/exact_match, else eval/loss; eval.json (ftune eval)
+metric defaults to continual/average_accuracy (strategy=continual runs, whose backward transfer and
+forgetting get columns too), else eval/macro_accuracy (multi-task runs, whose per-task eval/<task>/accuracy
+get columns too), else eval/accuracy, else eval/exact_match, else eval/loss; eval.json (ftune eval)
 wins over metrics.json (ftune train) where both have a metric."""
 
 

@@ -17,6 +17,9 @@
       tensorboard/ wandb/ mlflow.db mlartifacts/   what the chosen experiment trackers (logger=) wrote
       trackers.json    their tracked runs' ids (MLflow, W&B), so that resume=auto continues those runs
       student/         strategy=distill with student_layers: the student cut from the teacher (its base model)
+      stages/          a strategy's earlier stages, each a run directory (domain_adapt, continual)
+      continual.json   strategy=continual: the accuracy matrix R[i][j], average accuracy, backward transfer,
+      continual.png    forgetting; the matrix as a heatmap
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ RUN_ARTIFACTS = ("config.yaml", "adapter", "tokenizer", "labels.json", "metrics.
                  "loss.png", "moe.png", "README.md", "checkpoints", "student", "eval.json", "error.txt", "confusion.png",
                  "eval_predictions.jsonl", "harness.json", "report.html", "comparison.md", "comparison.csv", "comparison.png",
                  "tensorboard", "wandb", "mlflow.db", "mlartifacts", "trackers.json", "domain_classifier.safetensors",
-                 "heads", "tasks.json")
+                 "heads", "tasks.json", "continual.json", "continual.png")
 STAGES_DIR = "stages"  # a strategy's earlier stages (domain_adapt: stages/pretrain), kept by the run's own setup
 
 
@@ -172,8 +175,8 @@ def run_command(cfg: DictConfig) -> str:
     return shlex.join(["ftune", *words])
 
 
-def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
-    """README.md: what was trained, on what, how to reproduce and load it."""
+def write_card(path: Path, cfg: DictConfig, metrics: dict[str, Any], extra: list[str] | None = None) -> None:
+    """README.md: what was trained, on what, how to reproduce and load it (``extra``: a strategy's own section)."""
     model = cfg.model.path or f"{cfg.model.name} (built from config)"
     command = run_command(cfg)
     from ftune.moe import card_section
@@ -208,4 +211,6 @@ Weights are in `adapter/`; the resolved configuration is `config.yaml`.
 ftune eval run={path}
 ```
 """
+    if extra:
+        text += "\n" + "\n".join(extra) + "\n"
     (path / "README.md").write_text(text)

@@ -175,7 +175,7 @@ def checked_settings(cfg: DictConfig) -> tuple[TrainerConfig, ModelConfig, Datas
     model_cfg = validate_group(cfg, "model")
     method = build_method(cfg.method)  # validates method settings before any loading
     strategy = build_strategy(cfg.get("strategy"))  # likewise: strategy=none unless the config names one
-    # multitask: the dataset group holds the tasks' defaults, its missing path filled from the first task
+    # multitask: the tasks' defaults, its missing path filled from the first task; continual: the last stage's
     data_cfg: DatasetConfig = validate_group(OmegaConf.create({"dataset": strategy.dataset_node(cfg.dataset)}),
                                              "dataset")
     check_settings(cfg, trainer, data_cfg, method.settings, strategy.settings)  # every numeric range, in one paragraph
@@ -228,6 +228,7 @@ def setup(cfg: DictConfig) -> Run:
         strategy.load(StrategyContext(task, tokenizer, data.label_names, device, autocast_dtype, trainer.packing,
                                       dataset=data_cfg, max_length=trainer.max_length, seed=cfg.seed,
                                       train_examples=data.train, batch_size=eval_batch_size,
+                                      max_new_tokens=trainer.eval_max_new_tokens, chat_template=model_cfg.chat_template,
                                       evaluate=other_model_evaluator(data, Collator(tokenizer.pad_token_id, task),
                                                                      device, eval_batch_size, autocast_dtype)))
         model = strategy.base_model(lambda: build_model(
@@ -738,7 +739,7 @@ def write_outputs(run: Run, metrics: dict[str, Any]) -> None:
               f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
     if "moe/load_before" in metrics:
         plot_routing(metrics, run.out / "moe.png", f"{run.method.name} · {run.model_cfg.name} · {run.cfg.dataset.name}")
-    write_card(run.out, run.cfg, metrics)
+    write_card(run.out, run.cfg, metrics, run.strategy.card_lines())
     run.trackers.log_final(metrics, step=metrics["train_steps"])
     for name in ("loss.png", "metrics.json"):
         run.trackers.artifact(run.out / name)

@@ -13,7 +13,8 @@ Hooks, in the order the trainer calls them::
     strategy = build_strategy(cfg.strategy)      # settings validated from configs/strategy/<name>.yaml;
                                                  # their numeric ranges join check_settings' one paragraph
     node = strategy.dataset_node(cfg.dataset)    # the run's dataset config before it is validated
-                                                 # (multitask: the tasks' defaults, a missing path filled)
+                                                 # (multitask: the tasks' defaults, a missing path filled;
+                                                 # continual: its last stage's)
     model_cfg = strategy.model_config(model_cfg, run_dir)   # the run's base model (distill with
                                                  # student_layers: the student cut from the teacher,
                                                  # saved to run_dir/student at the end); nothing loaded yet
@@ -52,6 +53,7 @@ Hooks, in the order the trainer calls them::
     strategy.state_dict() / load_state_dict(state)   # checkpointed (strategy.pt); restored on resume
     metrics.update(strategy.final_metrics(metrics, evaluate))   # "strategy/..." keys of metrics.json
     strategy.save(model, run_dir)                # files the run needs to be loaded again (distill: student/)
+    strategy.card_lines()                        # a section of its own for the run's README.md
 
 
 Before all of this, ``train()`` runs the strategy's earlier stages::
@@ -122,6 +124,8 @@ class StrategyContext:
     # loss and accuracy of another model (distill's teacher) on the run's eval split, {} without one:
     # evaluate(model, target_logits) as final_metrics' evaluate
     evaluate: Callable[[nn.Module, Any], dict[str, float]] | None = None
+    max_new_tokens: int = 32  # trainer.eval_max_new_tokens: a strategy's own scoring of generated answers
+    chat_template: str | None = None  # the model config's: encode the strategy's own data as the run's
 
 
 class Strategy:
@@ -237,6 +241,10 @@ class Strategy:
 
     def save(self, model: nn.Module, run_dir: Path) -> None:
         """Write what loading the run needs beyond the method's adapter/ (distill: the student base model)."""
+
+    def card_lines(self) -> list[str]:
+        """Markdown lines of a section of the run's README.md (continual: the accuracy matrix); [] for none."""
+        return []
 
 
 def file_identity(path: str | None) -> str | None:
