@@ -142,6 +142,7 @@ def test_accelerate_launch_stops_early_and_keeps_the_best_like_one_process(tmp_p
     assert ma["best_step"] == mb["best_step"] == ma["weights_from_step"] == 2
 
 
+@pytest.mark.slow  # 21 s; tests/e2e/test_bad_inputs.py's rows cover the message on one process
 def test_bad_input_on_one_rank_ends_both_with_the_message(tmp_path):
     """Rank 1 reads a data file that does not exist: both processes end (no hang), exit 2, the paragraph last."""
     data = tmp_path / "data0.jsonl"
